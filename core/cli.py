@@ -1,0 +1,127 @@
+"""``distill-run``: run, validate and inspect distillation runs.
+
+    distill-run run CONFIG [--set section.key=value]... [--resume | --no-resume]
+    distill-run validate CONFIG [--set ...]
+    distill-run plugins [--json]
+
+``--disable-plugin NAME`` (repeatable) or ``DISTILL_DISABLE_PLUGINS=a,b`` keeps plugins unloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from distill.config import display_config, load_config
+from distill.errors import ConfigError, DistillError
+from distill.manager import PluginManager, disabled_from_env
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Human-readable logs on a terminal, one JSON object per line otherwise."""
+    renderer = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill-run", description="On-policy distillation of language models.")
+    parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
+                        help="do not load this plugin (repeatable; also DISTILL_DISABLE_PLUGINS=a,b)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a distillation, resuming from the output_dir if it has checkpoints")
+    run.add_argument("config", help="TOML run config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                     help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_const", const="always", dest="resume",
+                      help="require a checkpoint to resume from")
+    mode.add_argument("--no-resume", action="store_const", const="never", dest="resume",
+                      help="refuse to run if output_dir already has checkpoints")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar; log every step instead")
+    run.set_defaults(resume="auto")
+
+    validate = commands.add_parser("validate", help="check a config and report every problem at once")
+    validate.add_argument("config")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+    plugins = commands.add_parser("plugins", help="list installed plugins and their components")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _plugins(manager: PluginManager, as_json: bool) -> None:
+    infos = manager.plugins()
+    if as_json:
+        print(json.dumps([
+            {"name": i.name, "distribution": i.distribution, "version": i.version,
+             "components": [{"kind": k, "name": n} for k, n in i.components]}
+            for i in infos
+        ], indent=1))
+        return
+    for info in infos:
+        origin = f"{info.distribution} {info.version}" if info.distribution else "in-process"
+        print(f"{info.name}  ({origin})")
+        for kind, name in info.components:
+            summary = manager.components(kind)[name].summary
+            print(f"    {kind:<18} {name:<20} {summary}")
+    if manager.disabled:
+        print(f"disabled: {', '.join(sorted(manager.disabled))}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        manager = PluginManager(disabled=set(args.disable_plugin) | disabled_from_env())
+        if args.command == "plugins":
+            _plugins(manager, args.json)
+            return 0
+        config = load_config(args.config, manager, args.overrides)
+        if args.command == "validate":
+            print(json.dumps(display_config(config), indent=1))
+            print(f"{args.config}: valid", file=sys.stderr)
+            return 0
+        from distill.loop import RunInterrupted, run
+
+        try:
+            summary = run(config, manager, resume=args.resume, progress=False if args.no_progress else None)
+        except RunInterrupted as stopped:
+            print(f"distill-run: {stopped}", file=sys.stderr)
+            return 128 + stopped.signum
+        print(json.dumps(summary, indent=1))
+        return 0
+    except ConfigError as exc:
+        print(f"distill-run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DistillError as exc:
+        print(f"distill-run: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

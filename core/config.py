@@ -1,0 +1,495 @@
+"""Run configuration: TOML -> frozen attrs classes through one strict cattrs converter.
+
+Core sections are structured here; component sections (``[sampler]``, ``[[teachers]]``,
+``[loss]``, ``[router]``, ``[checkpoint]``, ``[metrics.<sink>]``) keep a few common keys and hand
+the rest to the selected component's ``config_cls``. Every problem is collected and reported at
+once, each with its path (``must be > 0, got 0 @ train.steps``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+
+from distill.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distill.manager import PluginManager
+
+__all__ = [
+    "StudentConfig",
+    "SamplingConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "SamplerConfig",
+    "TeacherConfig",
+    "RouterConfig",
+    "LossConfig",
+    "CheckpointConfig",
+    "MetricsConfig",
+    "RunConfig",
+    "converter",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "display_config",
+    "resolve_path",
+    "teacher_key",
+]
+
+
+# -- validators: messages read "must be …, got …"; the path is appended by the collector ----------
+
+
+def positive(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+
+
+def non_negative(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def finite(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value!r}")
+
+
+def unit_interval(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {value!r}")
+
+
+def _field(default: Any = attrs.NOTHING, *validators: Any, **kwargs: Any) -> Any:
+    return attrs.field(default=default, validator=list(validators), **kwargs)
+
+
+# -- core sections ------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class StudentConfig:
+    """The model being trained, in Hugging Face format (a local folder or a hub id)."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+@attrs.frozen(kw_only=True)
+class SamplingConfig:
+    """How the student samples its rollouts (explicit: no library default applies)."""
+
+    max_new_tokens: int = _field(64, positive)
+    temperature: float = _field(1.0, positive, finite)
+    top_k: int = _field(0, non_negative)
+    top_p: float = _field(1.0, unit_interval)
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    train: str
+    eval: str | None = None
+    max_prompt_tokens: int | None = _field(None, positive)
+    shuffle: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    steps: int = _field(100, positive)
+    prompt_groups_per_step: int = _field(16, positive)
+    completions_per_prompt: int = _field(4, positive)
+    micro_batch_size: int = _field(64, positive)
+    learning_rate: float = _field(1e-4, positive, finite)
+    weight_decay: float = _field(0.0, non_negative, finite)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = _field(1e-8, positive)
+    warmup_steps: int = _field(0, non_negative)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float | None = _field(1.0, positive)
+    threads: int | None = _field(None, positive)
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    every_steps: int = _field(0, non_negative)
+    max_new_tokens: int | None = _field(None, positive)
+    batch_size: int = _field(64, positive)
+    answer_pattern: str | None = attrs.field(default=None)
+    limit: int | None = _field(None, positive)
+    at_start: bool = True
+
+    @answer_pattern.validator
+    def _compiles(self, attribute: attrs.Attribute, value: str | None) -> None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"must be a regular expression ({exc}), got {value!r}") from None
+
+
+# -- component sections: common keys here, the rest in ``options`` (the component's config_cls) --
+
+
+@attrs.frozen(kw_only=True)
+class SamplerConfig:
+    backend: str = "hf"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TeacherConfig:
+    backend: str = "hf"
+    name: str | None = None
+    route_value: str | None = None
+    teacher_messages_key: str = "teacher_messages"
+    blend_weight: float = _field(1.0, non_negative, finite)
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class RouterConfig:
+    name: str = "single"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class LossConfig:
+    name: str = "sampled_reverse_kl"
+    kernel: str = "auto"
+    normalize: Literal["token", "sum"] = "token"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointConfig:
+    backend: str = "local"
+    every_steps: int = _field(0, non_negative)
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
+    sinks: tuple[str, ...] = ("jsonl",)
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """A whole run. ``source`` is the TOML file it came from (paths resolve next to it)."""
+
+    student: StudentConfig
+    data: DataConfig
+    teachers: tuple[TeacherConfig, ...] = attrs.field()
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+    sampler: SamplerConfig = attrs.field(factory=SamplerConfig)
+    router: RouterConfig = attrs.field(factory=RouterConfig)
+    loss: LossConfig = attrs.field(factory=LossConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    source: str | None = None
+
+    @teachers.validator
+    def _some_teacher(self, attribute: attrs.Attribute, value: tuple[TeacherConfig, ...]) -> None:
+        if not value:
+            raise ValueError("must list at least one teacher ([[teachers]])")
+
+
+# (section, common keys, component kind, key naming the component)
+_COMPONENT_SECTIONS = {
+    "sampler": ({"backend"}, "sampler", "backend"),
+    "router": ({"name"}, "router", "name"),
+    "loss": ({"name", "kernel", "normalize"}, "loss", "name"),
+    "checkpoint": ({"backend", "every_steps"}, "checkpoint_backend", "backend"),
+}
+_TEACHER_COMMON = {"backend", "name", "route_value", "teacher_messages_key", "blend_weight"}
+
+
+# -- the converter ------------------------------------------------------------------------------
+
+
+def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
+    def structure(value: Any, _type: Any) -> Any:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, accepts):
+            raise TypeError(f"must be {kind.__name__}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _literal(value: Any, type_: Any) -> Any:
+    choices = get_args(type_)
+    if value not in choices:
+        raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(int, _strict(int, (int,)))
+    conv.register_structure_hook(float, _strict(float, (int, float)))
+    conv.register_structure_hook(str, _strict(str, (str,)))
+    conv.register_structure_hook(bool, _strict(bool, (bool,)))
+    conv.register_structure_hook_func(
+        lambda t: getattr(t, "__origin__", None) is Literal, _literal
+    )
+    return conv
+
+
+converter = _make_converter()
+"""The one converter for run configs and component options: strict types, no unknown keys."""
+
+
+def _messages(exc: BaseException, path: str) -> list[str]:
+    """Flatten a cattrs error tree into 'message @ path' lines."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        keys = ", ".join(repr(k) for k in sorted(exc.extra_fields))
+        return [f"unknown key(s) {keys} @ {path or '(top level)'}"]
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        out: list[str] = []
+        for sub in exc.exceptions:
+            notes = getattr(sub, "__notes__", [])
+            note = next(
+                (n for n in notes if isinstance(n, (AttributeValidationNote, IterableValidationNote))),
+                None,
+            )
+            if isinstance(note, AttributeValidationNote):
+                sub_path = f"{path}.{note.name}" if path else note.name
+            elif isinstance(note, IterableValidationNote):
+                sub_path = f"{path}[{note.index}]"
+            else:
+                sub_path = path
+            out.extend(_messages(sub, sub_path))
+        return out
+    if isinstance(exc, KeyError):
+        return [f"required key missing @ {path}"]
+    return [f"{exc} @ {path or '(top level)'}"]
+
+
+def _validate(obj: Any, path: str) -> list[str]:
+    """Run attrs validators field by field (structured with validators off) to get every error."""
+    problems: list[str] = []
+    if attrs.has(type(obj)):
+        for field in attrs.fields(type(obj)):
+            value = getattr(obj, field.name)
+            here = f"{path}.{field.name}" if path else field.name
+            if field.validator is not None:
+                try:
+                    field.validator(obj, field, value)
+                except (ValueError, TypeError) as exc:
+                    problems.append(f"{exc} @ {here}")
+            problems.extend(_validate(value, here))
+    elif isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            problems.extend(_validate(item, f"{path}[{i}]"))
+    return problems
+
+
+def structure(data: Any, cls: type, path: str = "") -> tuple[Any, list[str]]:
+    """Structure ``data`` as ``cls``; return (object or None, every problem with its path)."""
+    with attrs.validators.disabled():
+        try:
+            obj = converter.structure(data, cls)
+        except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+            return None, _messages(exc, path)
+        except (TypeError, ValueError) as exc:
+            return None, [f"{exc} @ {path or '(top level)'}"]
+    return obj, _validate(obj, path)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _split(section: Any, common: set[str]) -> tuple[Any, dict[str, Any]]:
+    if not isinstance(section, dict):
+        return section, {}
+    head = {k: v for k, v in section.items() if k in common}
+    rest = {k: v for k, v in section.items() if k not in common}
+    return head, rest
+
+
+def parse_config(
+    raw: Mapping[str, Any], manager: PluginManager, *, source: str | None = None
+) -> RunConfig:
+    """Build a :class:`RunConfig` from a parsed TOML mapping, or raise :class:`ConfigError`."""
+    raw = dict(raw)
+    deferred: list[tuple[str, str, str, dict[str, Any], Any]] = []  # path, kind, name, options
+    for section, (common, kind, key) in _COMPONENT_SECTIONS.items():
+        head, rest = _split(raw.get(section, {}), common)
+        if isinstance(head, dict):
+            raw[section] = head
+            deferred.append((section, kind, key, rest, None))
+    teachers = raw.get("teachers", [])
+    if isinstance(teachers, list):
+        split_teachers = []
+        for i, entry in enumerate(teachers):
+            head, rest = _split(entry, _TEACHER_COMMON)
+            split_teachers.append(head)
+            deferred.append((f"teachers[{i}]", "teacher", "backend", rest, i))
+        raw["teachers"] = split_teachers
+    metrics = raw.get("metrics", {})
+    if isinstance(metrics, dict):
+        head, sink_options = _split(metrics, {"sinks"})
+        raw["metrics"] = head
+    else:
+        sink_options = {}
+
+    config, problems = structure(raw, RunConfig)
+    if config is None:
+        raise ConfigError(problems, source)
+
+    options: dict[str, Any] = {}
+    for path, kind, key, rest, index in deferred:
+        section_cfg = config.teachers[index] if index is not None else getattr(config, path)
+        name = getattr(section_cfg, key)
+        try:
+            spec = manager.get(kind, name)
+        except Exception as exc:  # UnknownComponentError: report with the path, keep going
+            problems.append(f"{exc} @ {path}.{key}")
+            continue
+        obj, errs = structure(rest, spec.config_cls, path)
+        problems.extend(errs)
+        options[path] = obj
+    sinks: dict[str, Any] = {}
+    for name in config.metrics.sinks:
+        try:
+            spec = manager.get("metric_sink", name)
+        except Exception as exc:
+            problems.append(f"{exc} @ metrics.sinks")
+            continue
+        obj, errs = structure(sink_options.get(name, {}), spec.config_cls, f"metrics.{name}")
+        problems.extend(errs)
+        sinks[name] = obj
+    for extra in set(sink_options) - set(config.metrics.sinks):
+        problems.append(f"options given for sink '{extra}' which is not in metrics.sinks @ metrics.{extra}")
+    if problems:
+        raise ConfigError(problems, source)
+
+    return attrs.evolve(
+        config,
+        sampler=attrs.evolve(config.sampler, options=options["sampler"]),
+        router=attrs.evolve(config.router, options=options["router"]),
+        loss=attrs.evolve(config.loss, options=options["loss"]),
+        checkpoint=attrs.evolve(config.checkpoint, options=options["checkpoint"]),
+        teachers=tuple(
+            attrs.evolve(t, options=options[f"teachers[{i}]"]) for i, t in enumerate(config.teachers)
+        ),
+        metrics=attrs.evolve(config.metrics, options=sinks),
+        source=source,
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-4``, ``true``, ``"x"``, ``[1, 2]``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (``teachers.0.model=…`` indexes lists)."""
+    problems = []
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted.strip():
+            problems.append(f"override {item!r} is not KEY=VALUE @ --set")
+            continue
+        *parents, leaf = dotted.strip().split(".")
+        node: Any = raw
+        for part in parents:
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(f"no list item {part} for override {item!r} @ --set")
+                    break
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                problems.append(f"{dotted!r} goes through a non-table value @ --set")
+                break
+        else:
+            if isinstance(node, list):
+                if not leaf.isdigit() or int(leaf) >= len(node):
+                    problems.append(f"no list item {leaf} for override {item!r} @ --set")
+                    continue
+                node[int(leaf)] = _parse_value(text)
+            else:
+                node[leaf] = _parse_value(text)
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def load_config(
+    path: str | Path, manager: PluginManager, overrides: Sequence[str] = ()
+) -> RunConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config file not found: {path}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+    return parse_config(apply_overrides(raw, overrides), manager, source=str(path))
+
+
+def resolve_path(value: str, config: RunConfig) -> str:
+    """A relative path is looked up next to the config file first, then in the working directory.
+
+    Values that exist in neither place (a hub id, a file still to be written) are returned as is.
+    """
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    if config.source is not None:
+        beside = Path(config.source).parent / candidate
+        if beside.exists():
+            return str(beside)
+    return str(candidate)
+
+
+_SECRET_KEY = re.compile(r"(api_?key|secret|password|auth_token|hf_token)$", re.IGNORECASE)
+
+
+def display_config(config: RunConfig) -> dict[str, Any]:
+    """The config as plain data for humans and logs, with any secret-looking value masked."""
+
+    def mask(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: "***" if isinstance(v, str) and v and _SECRET_KEY.search(k) else mask(v)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [mask(v) for v in node]
+        return node
+
+    return mask(converter.unstructure(config))
+
+
+def teacher_key(teacher: TeacherConfig, index: int) -> str:
+    """How a teacher is named in routes and metrics: name, else route_value, else its model."""
+    model = getattr(teacher.options, "model", None)
+    return teacher.name or teacher.route_value or model or f"teachers[{index}]"

@@ -1,0 +1,216 @@
+"""The dataset contract: JSONL rows in, validated :class:`PromptRow` objects out.
+
+A row needs ``messages`` (OpenAI chat format). Optional: ``teacher`` (route value),
+``teacher_messages`` (the teacher's own prompt; fallbacks ``privileged_messages``,
+``teacher_prompt_messages``, then ``messages``) and ``expected_answer``. Any other field is kept as
+metadata. A bad row is skipped and counted under a reason, never a crash deep inside a step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from distill.errors import DataError
+from distill.types import PromptRow
+
+__all__ = [
+    "TEACHER_MESSAGES_FALLBACKS",
+    "Dataset",
+    "load_dataset",
+    "render_prompt",
+    "DataCursor",
+]
+
+TEACHER_MESSAGES_FALLBACKS = ("teacher_messages", "privileged_messages", "teacher_prompt_messages")
+_CONTRACT_FIELDS = {"messages", "teacher", "expected_answer", *TEACHER_MESSAGES_FALLBACKS}
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@attrs.frozen
+class Dataset:
+    """Usable rows of one file and, by reason, the rows that were skipped."""
+
+    path: str
+    rows: tuple[PromptRow, ...]
+    skipped: dict[str, int]
+    first_skipped_line: dict[str, int]
+
+
+def _check_messages(value: Any, field: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise _Skip(f"malformed_{field}")
+    for message in value:
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise _Skip(f"malformed_{field}")
+    return tuple(value)
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
+    """Prompt ids through the chat template, ending with the assistant's generation prompt."""
+    ids = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return tuple(int(i) for i in ids)
+
+
+def _parse_row(
+    line: str,
+    index: int,
+    tokenizer: Any,
+    *,
+    max_prompt_tokens: int | None,
+    teacher_messages_key: str,
+    route_key: str,
+) -> PromptRow:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise _Skip("invalid_json") from None
+    if not isinstance(row, dict):
+        raise _Skip("not_an_object")
+    if "messages" not in row:
+        raise _Skip("missing_messages")
+    messages = _check_messages(row["messages"], "messages")
+
+    teacher_messages = messages
+    for key in dict.fromkeys((teacher_messages_key, *TEACHER_MESSAGES_FALLBACKS)):
+        if key in row and row[key] is not None:
+            teacher_messages = _check_messages(row[key], key)
+            break
+
+    route = row.get(route_key)
+    if route is not None and not isinstance(route, str):
+        raise _Skip(f"wrong_type:{route_key}")
+    answer = row.get("expected_answer")
+    if answer is not None:
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise _Skip("wrong_type:expected_answer")
+        answer = str(answer)
+
+    try:
+        prompt_ids = render_prompt(tokenizer, messages)
+        teacher_prompt_ids = (
+            prompt_ids if teacher_messages is messages else render_prompt(tokenizer, teacher_messages)
+        )
+    except Exception:  # a template that raises on this row's content
+        raise _Skip("template_error") from None
+    if max_prompt_tokens is not None and max(len(prompt_ids), len(teacher_prompt_ids)) > max_prompt_tokens:
+        raise _Skip("prompt_too_long")
+
+    metadata = {k: v for k, v in row.items() if k not in _CONTRACT_FIELDS and k != route_key}
+    return PromptRow(
+        index=index,
+        messages=messages,
+        teacher_messages=teacher_messages,
+        prompt_ids=prompt_ids,
+        teacher_prompt_ids=teacher_prompt_ids,
+        route=route,
+        expected_answer=answer,
+        metadata=metadata,
+    )
+
+
+def load_dataset(
+    path: str | Path,
+    tokenizer: Any,
+    *,
+    max_prompt_tokens: int | None = None,
+    teacher_messages_key: str = "teacher_messages",
+    route_key: str = "teacher",
+) -> Dataset:
+    """Read a JSONL file; raise :class:`DataError` if it is missing or has no usable row."""
+    path = Path(path)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "The student tokenizer has no chat template, so prompts cannot be rendered. "
+            "Add `chat_template` to its tokenizer_config.json."
+        )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"Dataset file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Dataset file {path} is not UTF-8 text: {exc}") from None
+
+    rows: list[PromptRow] = []
+    skipped: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(
+                _parse_row(
+                    line,
+                    number,
+                    tokenizer,
+                    max_prompt_tokens=max_prompt_tokens,
+                    teacher_messages_key=teacher_messages_key,
+                    route_key=route_key,
+                )
+            )
+        except _Skip as skip:
+            skipped[skip.reason] += 1
+            first_line.setdefault(skip.reason, number)
+    if not rows:
+        reasons = ", ".join(f"{r}: {n} (first at line {first_line[r]})" for r, n in skipped.items())
+        raise DataError(f"No usable row in {path}. Skipped rows by reason: {reasons or 'file is empty'}.")
+    return Dataset(str(path), tuple(rows), dict(skipped), first_line)
+
+
+class DataCursor:
+    """Walks the rows epoch after epoch, each epoch a seeded permutation; resumable from its state."""
+
+    def __init__(self, n_rows: int, *, seed: int, shuffle: bool) -> None:
+        self.n_rows = n_rows
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.n_rows))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        """The next ``count`` row indices, moving into the next epoch when one is used up."""
+        picked = []
+        while len(picked) < count:
+            if self.position == self.n_rows:
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation(self.epoch)
+            picked.append(self._order[self.position])
+            self.position += 1
+        return picked
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "n_rows": self.n_rows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n_rows"] != self.n_rows:
+            raise DataError(
+                f"The dataset has {self.n_rows} usable rows but the checkpoint was taken with "
+                f"{state['n_rows']}: resuming would not continue the same run. Restore the data "
+                f"file or start a new output_dir."
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,211 @@
+"""The one typed facade over pluggy: discovery, provenance, component lookup and hook calls."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+
+from distill import hookspecs
+from distill.errors import (
+    ComponentConflictError,
+    PluginError,
+    PluginLoadError,
+    UnknownComponentError,
+)
+from distill.types import (
+    BlenderSpec,
+    CheckpointBackendSpec,
+    ComponentSpec,
+    LossSpec,
+    MetricSinkSpec,
+    RouterSpec,
+    RunInfo,
+    SamplerSpec,
+    TeacherSpec,
+)
+
+__all__ = ["ENTRY_POINT_GROUP", "DISABLE_ENV", "PluginInfo", "PluginManager"]
+
+ENTRY_POINT_GROUP = "distill.plugins"
+DISABLE_ENV = "DISTILL_DISABLE_PLUGINS"
+
+# kind -> (registration hook, spec class)
+_REGISTRATION_HOOKS: dict[str, tuple[str, type[ComponentSpec]]] = {
+    "sampler": ("distill_samplers", SamplerSpec),
+    "teacher": ("distill_teachers", TeacherSpec),
+    "router": ("distill_routers", RouterSpec),
+    "loss": ("distill_losses", LossSpec),
+    "blender": ("distill_blenders", BlenderSpec),
+    "checkpoint_backend": ("distill_checkpoint_backends", CheckpointBackendSpec),
+    "metric_sink": ("distill_metric_sinks", MetricSinkSpec),
+}
+
+
+@attrs.frozen
+class PluginInfo:
+    """Where a plugin came from and what it provides."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    components: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def provenance(self) -> str:
+        if self.distribution is None:
+            return f"plugin '{self.name}' (registered in-process)"
+        return f"plugin '{self.name}' (distribution {self.distribution} {self.version})"
+
+
+@attrs.frozen
+class _Provided:
+    spec: ComponentSpec
+    plugin: PluginInfo
+
+
+def disabled_from_env(environ: Mapping[str, str] = os.environ) -> set[str]:
+    """Plugin names listed, comma-separated, in ``DISTILL_DISABLE_PLUGINS``."""
+    return {name.strip() for name in environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
+class PluginManager:
+    """Loads plugins and answers "which component is called X?".
+
+    ``load_entry_points=False`` gives an empty manager, as tests and embedders want; plugins can
+    then be added with :meth:`register`.
+    """
+
+    def __init__(self, *, disabled: Iterable[str] = (), load_entry_points: bool = True) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._info: dict[str, PluginInfo] = {}
+        self._components: dict[str, dict[str, _Provided]] | None = None
+        self.disabled = frozenset(disabled)
+        if load_entry_points:
+            self._load_entry_points()
+        self._pm.check_pending()
+
+    def _load_entry_points(self) -> None:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self.disabled or self._pm.is_blocked(ep.name):
+                continue
+            dist = ep.dist
+            info = PluginInfo(
+                ep.name, dist.name if dist else "unknown", dist.version if dist else "unknown"
+            )
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginLoadError(
+                    f"{info.provenance} failed to import ({ep.value}): "
+                    f"{type(exc).__name__}: {exc}. Fix or uninstall {info.distribution}, or "
+                    f"disable it with --disable-plugin {ep.name} or {DISABLE_ENV}={ep.name}."
+                ) from exc
+            self._register(plugin, info)
+
+    def register(self, plugin: object, name: str) -> None:
+        """Register an in-process plugin object (a module or an instance with hookimpls)."""
+        if name in self.disabled:
+            return
+        self._register(plugin, PluginInfo(name, None, None))
+
+    def _register(self, plugin: object, info: PluginInfo) -> None:
+        try:
+            self._pm.register(plugin, name=info.name)
+        except ValueError as exc:
+            raise PluginLoadError(f"{info.provenance} could not be registered: {exc}") from exc
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(f"{info.provenance} has an invalid hook: {exc}") from exc
+        self._info[info.name] = info
+        self._components = None
+
+    def unregister(self, name: str) -> None:
+        self._pm.unregister(name=name)
+        self._info.pop(name, None)
+        self._components = None
+
+    @property
+    def hook(self) -> Any:
+        return self._pm.hook
+
+    # -- components -------------------------------------------------------------------------
+
+    def _collect(self) -> dict[str, dict[str, _Provided]]:
+        if self._components is not None:
+            return self._components
+        collected: dict[str, dict[str, _Provided]] = {kind: {} for kind in _REGISTRATION_HOOKS}
+        provides: dict[str, list[tuple[str, str]]] = {name: [] for name in self._info}
+        for kind, (hook_name, spec_cls) in _REGISTRATION_HOOKS.items():
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                info = self._info[impl.plugin_name]
+                for spec in impl.function() or ():
+                    if not isinstance(spec, spec_cls):
+                        raise PluginError(
+                            f"{info.provenance}: {hook_name}() returned {spec!r}, "
+                            f"expected {spec_cls.__name__} objects."
+                        )
+                    if spec.name in collected[kind]:
+                        other = collected[kind][spec.name].plugin
+                        raise ComponentConflictError(
+                            f"{kind.replace('_', ' ')} '{spec.name}' is registered twice: by "
+                            f"{other.provenance} and by {info.provenance}. Uninstall or disable "
+                            f"one of them (--disable-plugin NAME)."
+                        )
+                    collected[kind][spec.name] = _Provided(spec, info)
+                    provides[info.name].append((kind, spec.name))
+        self._info = {
+            name: attrs.evolve(info, components=tuple(provides.get(name, ())))
+            for name, info in self._info.items()
+        }
+        self._components = collected
+        return collected
+
+    def components(self, kind: str) -> dict[str, ComponentSpec]:
+        """Every component of ``kind`` by name (kinds: sampler, teacher, router, loss, …)."""
+        return {name: p.spec for name, p in self._collect()[kind].items()}
+
+    def provider(self, kind: str, name: str) -> PluginInfo:
+        return self._collect()[kind][name].plugin
+
+    def get(self, kind: str, name: str) -> Any:
+        """The spec of component ``name``; a helpful error if nothing provides it."""
+        available = self._collect()[kind]
+        key = name.strip().lower().replace("-", "_")
+        if key in available:
+            return available[key].spec
+        listed = ", ".join(sorted(available)) or "none"
+        hint = ""
+        if self.disabled:
+            hint = f" Disabled plugins: {', '.join(sorted(self.disabled))}."
+        raise UnknownComponentError(
+            f"Unknown {kind.replace('_', ' ')} '{name}'. Available: {listed}.{hint}"
+        )
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every registered plugin with its provenance and the components it registers."""
+        self._collect()
+        return sorted(self._info.values(), key=lambda info: info.name)
+
+    # -- dispatch and observers ---------------------------------------------------------------
+
+    def select_loss_kernel(self, *, loss: str, kernel: str, device: str, dtype: str) -> Any:
+        chosen = self._pm.hook.distill_select_loss_kernel(
+            loss=loss, kernel=kernel, device=device, dtype=dtype
+        )
+        if chosen is None:
+            raise UnknownComponentError(
+                f"No installed plugin provides loss kernel '{kernel}' for loss '{loss}' on "
+                f"{device}/{dtype}. Use loss.kernel = \"auto\" or install the plugin that provides it."
+            )
+        return chosen
+
+    def on_step_end(self, *, run: RunInfo, step: int, metrics: Mapping[str, Any]) -> None:
+        self._pm.hook.distill_on_step_end(run=run, step=step, metrics=metrics)
+
+    def on_checkpoint_saved(self, *, run: RunInfo, step: int, uri: str) -> None:
+        self._pm.hook.distill_on_checkpoint_saved(run=run, step=step, uri=uri)

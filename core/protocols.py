@@ -1,0 +1,146 @@
+"""The interfaces of the objects that component factories build.
+
+Hooks describe components (``distill.types``); factories build objects satisfying these protocols;
+the loop only talks to these. Network and model I/O are ``async`` so remote backends can overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+    from distill.align import TokenBatch
+    from distill.types import PromptRow, Rollout, SamplingParams, ScoreRequest, TeacherScores
+
+__all__ = [
+    "Sampler",
+    "TeacherScorer",
+    "Router",
+    "SkipRow",
+    "Objective",
+    "LossKernel",
+    "CheckpointBackend",
+    "Checkpoint",
+    "MetricSink",
+]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Samples the student's rollouts."""
+
+    async def sample(
+        self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int
+    ) -> list[Rollout]:
+        """``params.n`` completions per row, grouped by row. Same seed and weights, same result."""
+
+    def sync_weights(self, step: int) -> None:
+        """Make the next ``sample`` use the weights just trained (a no-op when weights are shared)."""
+
+
+@runtime_checkable
+class TeacherScorer(Protocol):
+    """Scores exactly the tokens the student sampled."""
+
+    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores]:
+        """Per completion token: the teacher's logprob, and its top-``top_k`` when ``top_k`` > 0."""
+
+    def vocabulary(self) -> Mapping[str, int] | None:
+        """The teacher tokenizer's token -> id map, checked against the student's; None if unknown."""
+
+
+class SkipRow(Exception):
+    """Raised by a router for a row no teacher should score; ``reason`` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Chooses the teacher(s) that score a row."""
+
+    def route(self, row: PromptRow) -> tuple[str, ...]:
+        """Names of the teachers that score ``row``; raise :class:`SkipRow` to skip it."""
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A loss on per-token student logprobs at chosen token ids.
+
+    The trainer computes ``logprobs_N_K = log pi(target_ids_N_K)`` with a loss kernel (so fused
+    kernels never build [N, V] logits), then calls the objective. It returns the *sum* over tokens;
+    the trainer normalises over the whole step.
+    """
+
+    teacher_signal: str
+    top_k: int
+
+    def target_ids(self, tokens: TokenBatch) -> torch.Tensor:
+        """[N, K] vocabulary ids whose student logprobs the loss needs."""
+
+    def __call__(
+        self, logprobs_N_K: torch.Tensor, tokens: TokenBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss, per-token-summed metric tensors to be averaged by the trainer)."""
+
+
+class LossKernel(Protocol):
+    """``logprobs_N_K = log_softmax(hidden_N_H @ weight_V_H.T)[n, ids_N_K[n, k]]``, differentiable."""
+
+    name: str
+
+    def __call__(
+        self, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, ids_N_K: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@attrs.frozen(kw_only=True)
+class Checkpoint:
+    """A complete, resumable checkpoint: ``model_dir`` holds Hugging Face weights."""
+
+    step: int
+    uri: str
+    model_dir: str
+    trainer_state: dict[str, Any]
+    loop_state: dict[str, Any]
+
+
+@runtime_checkable
+class CheckpointBackend(Protocol):
+    """Atomic, resumable storage of training state."""
+
+    def save(
+        self,
+        step: int,
+        *,
+        model: Any,
+        tokenizer: Any,
+        trainer_state: dict[str, Any],
+        loop_state: dict[str, Any],
+    ) -> str:
+        """Store a complete checkpoint or nothing; return its URI."""
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+
+    def save_final(self, *, model: Any, tokenizer: Any) -> str:
+        """Store the final student where plain ``from_pretrained`` loads it; return its URI."""
+
+
+@runtime_checkable
+class MetricSink(Protocol):
+    """Receives one flat mapping of metrics per step."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+
+    def resume_at(self, step: int) -> None:
+        """Forget anything recorded after ``step`` (the run resumes from there)."""
+
+    def close(self) -> None: ...

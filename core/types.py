@@ -1,0 +1,205 @@
+"""Typed, frozen objects that cross the plugin boundary: component specs and the data of a step."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "NoOptions",
+    "ComponentSpec",
+    "SamplerSpec",
+    "TeacherSpec",
+    "RouterSpec",
+    "LossSpec",
+    "BlenderSpec",
+    "CheckpointBackendSpec",
+    "MetricSinkSpec",
+    "BuildContext",
+    "PromptRow",
+    "SamplingParams",
+    "Rollout",
+    "ScoreRequest",
+    "TeacherScores",
+    "TeacherSignal",
+    "RunInfo",
+]
+
+TeacherSignal = Literal["logprobs", "topk"]
+
+
+def _normalise_name(name: str) -> str:
+    """Names compare case-insensitively with '-' and '_' equivalent ("Top-K" == "top_k")."""
+    normalised = name.strip().lower().replace("-", "_")
+    if not re.fullmatch(r"[a-z][a-z0-9_.]*", normalised):
+        raise ValueError(f"invalid component name {name!r}: use letters, digits, '_', '-' or '.'")
+    return normalised
+
+
+@attrs.frozen
+class NoOptions:
+    """config_cls of a component that takes no options."""
+
+
+@attrs.frozen(kw_only=True)
+class ComponentSpec:
+    """What a registration hook returns: a named, documented recipe for building one component.
+
+    ``factory(options, context)`` builds the working object; ``options`` is an instance of
+    ``config_cls`` structured from the run config, ``context`` a :class:`BuildContext`.
+    Factories do the heavy imports and I/O, hooks stay cheap.
+    """
+
+    name: str = attrs.field(converter=_normalise_name)
+    summary: str
+    factory: Callable[[Any, BuildContext], Any]
+    config_cls: type = NoOptions
+
+    kind: ClassVar[str] = "component"
+
+
+@attrs.frozen(kw_only=True)
+class SamplerSpec(ComponentSpec):
+    """A student sampler: generates rollouts and reports their behaviour-policy logprobs."""
+
+    kind: ClassVar[str] = "sampler"
+
+
+@attrs.frozen(kw_only=True)
+class TeacherSpec(ComponentSpec):
+    """A teacher scorer. ``max_top_k`` caps the top-K it can return (None: up to the vocabulary)."""
+
+    max_top_k: int | None = None
+    kind: ClassVar[str] = "teacher"
+
+
+@attrs.frozen(kw_only=True)
+class RouterSpec(ComponentSpec):
+    """Decides which teacher(s) score each row."""
+
+    kind: ClassVar[str] = "router"
+
+
+@attrs.frozen(kw_only=True)
+class LossSpec(ComponentSpec):
+    """A training objective and the teacher signal it needs (per-token logprobs or top-K)."""
+
+    teacher_signal: TeacherSignal
+    kind: ClassVar[str] = "loss"
+
+
+@attrs.frozen(kw_only=True)
+class BlenderSpec(ComponentSpec):
+    """Combines several teachers' top-K distributions into one target."""
+
+    kind: ClassVar[str] = "blender"
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointBackendSpec(ComponentSpec):
+    """Stores and restores resumable training state and the final student."""
+
+    kind: ClassVar[str] = "checkpoint_backend"
+
+
+@attrs.frozen(kw_only=True)
+class MetricSinkSpec(ComponentSpec):
+    """Receives one metrics mapping per step."""
+
+    kind: ClassVar[str] = "metric_sink"
+
+
+@attrs.frozen(kw_only=True)
+class BuildContext:
+    """What a factory may use to build its component.
+
+    ``student`` is the live student module owned by the trainer (a local sampler shares it, so
+    weight sync is free); ``tokenizer`` renders prompts for everyone, so all components work on ids.
+    """
+
+    run_config: Any
+    output_dir: Path
+    seed: int
+    device: str
+    tokenizer: Any = None
+    student: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class PromptRow:
+    """A validated dataset row, with its prompts already rendered to token ids.
+
+    ``index`` is the 1-based line number in the source file, so every message can point at it.
+    """
+
+    index: int
+    messages: tuple[dict[str, Any], ...]
+    teacher_messages: tuple[dict[str, Any], ...]
+    prompt_ids: tuple[int, ...]
+    teacher_prompt_ids: tuple[int, ...]
+    route: str | None = None
+    expected_answer: str | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """Explicit sampling settings: nothing is left to a library default."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 1
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Rollout:
+    """One sampled completion of one prompt.
+
+    ``sampling_logprobs_C`` are logprobs of the behaviour policy (after temperature and filters),
+    ``model_logprobs_C`` the raw model's; they are equal at temperature 1 with no filters.
+    ``finished`` is True when the completion ended with EOS, False when cut at max_new_tokens.
+    """
+
+    row: PromptRow
+    completion_ids_C: torch.Tensor
+    sampling_logprobs_C: torch.Tensor
+    model_logprobs_C: torch.Tensor
+    finished: bool
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.row.prompt_ids
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ScoreRequest:
+    """Score ``completion_ids`` as a continuation of ``prompt_ids`` (the teacher's own prompt)."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class TeacherScores:
+    """A teacher's view of one completion: logprob of each sampled token, optionally its top-K."""
+
+    logprobs_C: torch.Tensor
+    topk_ids_C_K: torch.Tensor | None = None
+    topk_logprobs_C_K: torch.Tensor | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RunInfo:
+    """What observers learn about the run that calls them."""
+
+    config: Any
+    output_dir: Path

@@ -1,0 +1,1 @@
+"""Built-in plugins of distill. Each subpackage is an entry point in our own pyproject."""

@@ -1,0 +1,66 @@
+"""Built-in plugin ``hf``: a local transformers student sampler and teacher scorer.
+
+The sampler shares the trainer's model (no weight sync needed); the teacher loads a frozen model
+from a folder or hub id and returns per-token logprobs and any top-K up to the vocabulary.
+transformers is imported only when a component is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl
+from distill.config import positive
+
+__all__ = ["HFSamplerOptions", "HFTeacherOptions"]
+
+
+@attrs.frozen(kw_only=True)
+class HFSamplerOptions:
+    batch_size: int = attrs.field(default=64, validator=positive)
+
+
+@attrs.frozen(kw_only=True)
+class HFTeacherOptions:
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = None
+    batch_size: int = attrs.field(default=64, validator=positive)
+
+
+def _build_sampler(options: HFSamplerOptions, context: BuildContext) -> Any:
+    from distill.plugins.hf.sampler import HFSampler
+
+    return HFSampler.build(options, context)
+
+
+def _build_teacher(options: HFTeacherOptions, context: BuildContext) -> Any:
+    from distill.plugins.hf.teacher import HFTeacher
+
+    return HFTeacher.build(options, context)
+
+
+@hookimpl
+def distill_samplers() -> list[SamplerSpec]:
+    return [
+        SamplerSpec(
+            name="hf",
+            summary="Local KV-cached sampling with the trainer's student model.",
+            config_cls=HFSamplerOptions,
+            factory=_build_sampler,
+        )
+    ]
+
+
+@hookimpl
+def distill_teachers() -> list[TeacherSpec]:
+    return [
+        TeacherSpec(
+            name="hf",
+            summary="A local transformers model: per-token logprobs and top-K up to the vocabulary.",
+            config_cls=HFTeacherOptions,
+            factory=_build_teacher,
+        )
+    ]

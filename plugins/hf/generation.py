@@ -1,0 +1,122 @@
+"""KV-cached batched sampling with explicit temperature / top-k / top-p, recording two logprobs.
+
+Written out rather than calling ``generate`` because the behaviour-policy logprob must be exactly
+the distribution that sampled (``generate`` applies hidden defaults such as ``top_k=50``) and
+sampling must draw from a seeded generator so a resumed run repeats it bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+__all__ = ["Generated", "generate"]
+
+
+@attrs.frozen(eq=False)
+class Generated:
+    ids_C: torch.Tensor
+    sampling_logprobs_C: torch.Tensor
+    model_logprobs_C: torch.Tensor
+    finished: bool
+
+
+def _filter(logits_B_V: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set holding top_p of the mass."""
+    if 0 < top_k < logits_B_V.shape[-1]:
+        kth = torch.topk(logits_B_V, top_k, dim=-1).values[:, -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits_B_V, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
+    return logits_B_V
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[Generated]:
+    """Sample one completion per prompt (left-padded batch); stop each at EOS or max_new_tokens."""
+    device = model.device
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, P - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention[b, P - len(prompt) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+
+    was_training = model.training
+    model.eval()
+    tokens, sampling_lps, model_lps = [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long)
+    cache = None
+    step_ids, step_positions = input_ids, positions
+    try:
+        for t in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            model_lp = torch.log_softmax(logits, dim=-1)
+            if greedy:
+                next_ids = logits.argmax(dim=-1)
+                sampling_lp = model_lp
+            else:
+                sampling_lp = torch.log_softmax(_filter(logits / temperature, top_k, top_p), dim=-1)
+                next_ids = torch.multinomial(
+                    sampling_lp.exp().cpu(), 1, generator=generator
+                ).squeeze(1).to(device)
+            next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
+            tokens.append(next_ids)
+            sampling_lps.append(sampling_lp.gather(1, next_ids[:, None]).squeeze(1))
+            model_lps.append(model_lp.gather(1, next_ids[:, None]).squeeze(1))
+            newly = ~done & (next_ids == eos_id)
+            lengths[newly.cpu()] = t + 1
+            done |= newly
+            if bool(done.all()):
+                break
+            step_ids = next_ids[:, None]
+            step_positions = step_positions[:, -1:] + 1
+            attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=1)
+    finally:
+        model.train(was_training)
+
+    ids_B_T = torch.stack(tokens, dim=1).cpu()
+    slp_B_T = torch.stack(sampling_lps, dim=1).cpu()
+    mlp_B_T = torch.stack(model_lps, dim=1).cpu()
+    done = done.cpu()
+    return [
+        Generated(
+            ids_C=ids_B_T[b, : lengths[b]].clone(),
+            sampling_logprobs_C=slp_B_T[b, : lengths[b]].clone(),
+            model_logprobs_C=mlp_B_T[b, : lengths[b]].clone(),
+            finished=bool(done[b]),
+        )
+        for b in range(B)
+    ]

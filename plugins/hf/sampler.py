@@ -1,0 +1,83 @@
+"""The local student sampler: samples with the trainer's live model, so weight sync is free."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from distill import BuildContext, PromptRow, Rollout, SamplingParams
+from distill.errors import ConfigError
+from distill.plugins.hf.generation import generate
+
+__all__ = ["HFSampler"]
+
+
+class HFSampler:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @classmethod
+    def build(cls, options: Any, context: BuildContext) -> HFSampler:
+        if context.student is None:
+            raise ConfigError(["sampler 'hf' samples from a local student model, none is loaded @ sampler.backend"])
+        return cls(context.student, context.tokenizer, options.batch_size)
+
+    async def sample(
+        self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int
+    ) -> list[Rollout]:
+        generator = torch.Generator().manual_seed(seed)
+        jobs = [row for row in rows for _ in range(params.n)]
+        rollouts: list[Rollout] = []
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start : start + self.batch_size]
+            outputs = generate(
+                self.model,
+                [row.prompt_ids for row in chunk],
+                max_new_tokens=params.max_new_tokens,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                generator=generator,
+            )
+            rollouts.extend(
+                Rollout(
+                    row=row,
+                    completion_ids_C=out.ids_C,
+                    sampling_logprobs_C=out.sampling_logprobs_C,
+                    model_logprobs_C=out.model_logprobs_C,
+                    finished=out.finished,
+                )
+                for row, out in zip(chunk, outputs, strict=True)
+            )
+        return rollouts
+
+    async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions (used by evaluation)."""
+        return await _greedy(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, self.batch_size)
+
+    def sync_weights(self, step: int) -> None:
+        """Nothing to do: this sampler reads the trainer's parameters directly."""
+
+
+async def _greedy(
+    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int
+) -> list[list[int]]:
+    completions: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        outputs = generate(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            greedy=True,
+        )
+        completions.extend(out.ids_C.tolist() for out in outputs)
+    return completions

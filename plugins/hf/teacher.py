@@ -1,0 +1,79 @@
+"""The local teacher scorer: a frozen transformers model scoring exactly the student's tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill import BuildContext, ScoreRequest, TeacherScores
+from distill.align import completion_positions
+from distill.config import resolve_path
+from distill.modeling import final_hidden_states, head_weight
+from distill.plugins.hf.sampler import _greedy
+
+__all__ = ["HFTeacher"]
+
+
+class HFTeacher:
+    def __init__(self, model: Any, tokenizer: Any | None, batch_size: int) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def build(cls, options: Any, context: BuildContext) -> HFTeacher:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_path(options.model, context.run_config)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, options.dtype))
+        model.to(options.device or context.device)
+        tokenizer = None
+        if Path(path, "tokenizer_config.json").exists() or not Path(path).exists():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, options.batch_size)
+
+    def vocabulary(self) -> Mapping[str, int] | None:
+        return None if self.tokenizer is None else self.tokenizer.get_vocab()
+
+    @torch.inference_mode()
+    def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
+        sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in requests]
+        L = max(len(s) for s in sequences) - 1
+        input_ids = torch.zeros((len(requests), L), dtype=torch.long)
+        attention = torch.zeros((len(requests), L), dtype=torch.long)
+        for b, seq in enumerate(sequences):
+            input_ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+            attention[b, : len(seq) - 1] = 1
+        device = self.model.device
+        hidden_B_L_H = final_hidden_states(self.model, input_ids.to(device), attention.to(device))
+        weight_V_H = head_weight(self.model)
+        results = []
+        for b, request in enumerate(requests):
+            span = completion_positions(len(request.prompt_ids), len(request.completion_ids))
+            logits_C_V = hidden_B_L_H[b, span].float() @ weight_V_H.float().T
+            logprobs_C_V = torch.log_softmax(logits_C_V, dim=-1)
+            targets_C = torch.tensor(request.completion_ids, device=device)
+            scores = TeacherScores(logprobs_C=logprobs_C_V.gather(1, targets_C[:, None]).squeeze(1).cpu())
+            if top_k:
+                top = torch.topk(logprobs_C_V, min(top_k, logprobs_C_V.shape[-1]), dim=-1)
+                scores = TeacherScores(
+                    logprobs_C=scores.logprobs_C, topk_ids_C_K=top.indices.cpu(), topk_logprobs_C_K=top.values.cpu()
+                )
+            results.append(scores)
+        return results
+
+    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores]:
+        results: list[TeacherScores] = []
+        for start in range(0, len(requests), self.batch_size):
+            results.extend(self._score_batch(requests[start : start + self.batch_size], top_k))
+        return results
+
+    async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions, so a run can report the teacher's own accuracy."""
+        eos = self.model.generation_config.eos_token_id or self.model.config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos
+        return await _greedy(self.model, prompts, max_new_tokens, eos, pad, self.batch_size)

@@ -1,0 +1,46 @@
+"""Built-in plugin ``losses``: the two distillation objectives and the reference logprob kernel.
+
+``sampled_reverse_kl`` (OPD) trains on teacher − student logprob advantages with a clamped
+importance ratio; ``topk_forward_kl`` (SDFT) is a cross-entropy on the teacher's renormalised
+top-K. The reference kernel builds fp32 logits; it is ``trylast`` so fused kernels win "auto".
+"""
+
+from __future__ import annotations
+
+from distill import LossSpec, hookimpl
+from distill.plugins.losses.objectives import (
+    SampledReverseKL,
+    SampledReverseKLOptions,
+    TopKForwardKL,
+    TopKForwardKLOptions,
+)
+from distill.plugins.losses.reference import REFERENCE_KERNEL
+
+__all__ = ["SampledReverseKL", "TopKForwardKL", "REFERENCE_KERNEL"]
+
+
+@hookimpl
+def distill_losses() -> list[LossSpec]:
+    return [
+        LossSpec(
+            name="sampled_reverse_kl",
+            summary="On-policy reverse KL: importance-sampled teacher-minus-student advantages.",
+            teacher_signal="logprobs",
+            config_cls=SampledReverseKLOptions,
+            factory=lambda options, context: SampledReverseKL(options),
+        ),
+        LossSpec(
+            name="topk_forward_kl",
+            summary="Cross-entropy on the teacher's renormalised top-K (forward KL up to a constant).",
+            teacher_signal="topk",
+            config_cls=TopKForwardKLOptions,
+            factory=lambda options, context: TopKForwardKL(options),
+        ),
+    ]
+
+
+@hookimpl(trylast=True)
+def distill_select_loss_kernel(loss: str, kernel: str, device: str, dtype: str):
+    if kernel in ("auto", REFERENCE_KERNEL.name):
+        return REFERENCE_KERNEL
+    return None
