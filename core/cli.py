@@ -46,6 +46,14 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+def _quiet_transformers() -> None:
+    """Our progress bar and logs say what happens; transformers' per-save bars would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-run", description="On-policy distillation of language models.")
     parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
@@ -96,6 +104,7 @@ def _plugins(manager: PluginManager, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
+    _quiet_transformers()
     try:
         manager = PluginManager(disabled=set(args.disable_plugin) | disabled_from_env())
         if args.command == "plugins":

@@ -98,7 +98,7 @@ class SamplingConfig:
     """How the student samples its rollouts (explicit: no library default applies)."""
 
     max_new_tokens: int = _field(64, positive)
-    temperature: float = _field(1.0, positive, finite)
+    temperature: float = _field(1.0, finite, positive)
     top_k: int = _field(0, non_negative)
     top_p: float = _field(1.0, unit_interval)
 
@@ -117,8 +117,8 @@ class TrainConfig:
     prompt_groups_per_step: int = _field(16, positive)
     completions_per_prompt: int = _field(4, positive)
     micro_batch_size: int = _field(64, positive)
-    learning_rate: float = _field(1e-4, positive, finite)
-    weight_decay: float = _field(0.0, non_negative, finite)
+    learning_rate: float = _field(1e-4, finite, positive)
+    weight_decay: float = _field(0.0, finite, non_negative)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = _field(1e-8, positive)
     warmup_steps: int = _field(0, non_negative)
@@ -160,7 +160,7 @@ class TeacherConfig:
     name: str | None = None
     route_value: str | None = None
     teacher_messages_key: str = "teacher_messages"
-    blend_weight: float = _field(1.0, non_negative, finite)
+    blend_weight: float = _field(1.0, finite, non_negative)
     options: Any = None
 
 
@@ -383,6 +383,7 @@ def parse_config(
         sinks[name] = obj
     for extra in set(sink_options) - set(config.metrics.sinks):
         problems.append(f"options given for sink '{extra}' which is not in metrics.sinks @ metrics.{extra}")
+    problems.extend(_check_top_k(config, options, manager))
     if problems:
         raise ConfigError(problems, source)
 
@@ -398,6 +399,25 @@ def parse_config(
         metrics=attrs.evolve(config.metrics, options=sinks),
         source=source,
     )
+
+
+def _check_top_k(config: RunConfig, options: dict[str, Any], manager: PluginManager) -> list[str]:
+    """A top-K loss must not ask a teacher for more candidates than its backend returns."""
+    top_k = getattr(options.get("loss"), "top_k", None)
+    if not top_k:
+        return []
+    problems = []
+    for index, teacher in enumerate(config.teachers):
+        if f"teachers[{index}]" not in options:
+            continue
+        cap = manager.get("teacher", teacher.backend).max_top_k
+        if cap is not None and top_k > cap:
+            name = teacher_key(attrs.evolve(teacher, options=options[f"teachers[{index}]"]), index)
+            problems.append(
+                f"top_k {top_k} exceeds what teacher '{name}' (backend '{teacher.backend}') can "
+                f"return (at most {cap}) @ loss.top_k"
+            )
+    return problems
 
 
 def _parse_value(text: str) -> Any:

@@ -88,7 +88,6 @@ class PluginManager:
         self.disabled = frozenset(disabled)
         if load_entry_points:
             self._load_entry_points()
-        self._pm.check_pending()
 
     def _load_entry_points(self) -> None:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -121,6 +120,11 @@ class PluginManager:
             raise PluginLoadError(f"{info.provenance} could not be registered: {exc}") from exc
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"{info.provenance} has an invalid hook: {exc}") from exc
+        try:
+            self._pm.check_pending()  # a misspelt hook name would otherwise be silently ignored
+        except pluggy.PluginValidationError as exc:
+            self._pm.unregister(name=info.name)
+            raise PluginLoadError(f"{info.provenance} implements an unknown hook: {exc}") from exc
         self._info[info.name] = info
         self._components = None
 

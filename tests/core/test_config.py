@@ -1,0 +1,179 @@
+"""Config: strict structuring, every error at once with its path, overrides, secrets masked."""
+
+import json
+import subprocess
+import sys
+
+import attrs
+import pytest
+
+from distill import NoOptions, TeacherSpec, hookimpl
+from distill.config import apply_overrides, display_config, load_config, parse_config
+from distill.errors import ConfigError
+
+MINIMAL = {
+    "student": {"model": "s"},
+    "data": {"train": "t.jsonl"},
+    "teachers": [{"backend": "hf", "model": "t"}],
+}
+
+
+def _raw(**changes):
+    raw = json.loads(json.dumps(MINIMAL))
+    for dotted, value in changes.items():
+        apply_overrides(raw, [f"{dotted.replace('__', '.')}={value}"])
+    return raw
+
+
+def test_minimal_config_gets_documented_defaults(manager):
+    config = parse_config(MINIMAL, manager)
+    assert config.loss.name == "sampled_reverse_kl"
+    assert config.loss.options.ratio_log_cap == 20.0
+    assert config.sampler.backend == "hf" and config.sampler.options.batch_size == 64
+    assert config.teachers[0].options.model == "t"
+    assert config.router.name == "single"
+    assert config.metrics.sinks == ("jsonl",)
+
+
+def test_every_error_is_reported_at_once_with_its_path(manager):
+    raw = _raw()
+    raw["train"] = {"steps": 0, "learning_rate": -1.0, "bogus": 1}
+    raw["sampling"] = {"temperature": "hot"}
+    raw["teachers"][0]["batch_size"] = 0
+    raw["teachers"][0]["colour"] = "red"
+    raw["loss"] = {"name": "fkl"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager, source="run.toml")
+    assert err.value.problems == [
+        "must be float, got 'hot' @ sampling.temperature",
+        "unknown key(s) 'bogus' @ train",
+    ]
+    raw["train"].pop("bogus")
+    raw["sampling"]["temperature"] = 0.0
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager, source="run.toml")
+    assert err.value.problems == [
+        "must be > 0, got 0.0 @ sampling.temperature",
+        "must be > 0, got 0 @ train.steps",
+        "must be > 0, got -1.0 @ train.learning_rate",
+        "Unknown loss 'fkl'. Available: sampled_reverse_kl, topk_forward_kl. @ loss.name",
+        "unknown key(s) 'colour' @ teachers[0]",
+    ]
+    assert str(err.value).startswith("5 config error(s) in run.toml:\n  - must be > 0, got 0.0 @ sampling.temperature")
+
+
+def test_types_are_strict(manager):
+    raw = _raw()
+    raw["train"] = {"steps": 1.5, "micro_batch_size": True}
+    raw["data"]["shuffle"] = "yes"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert sorted(err.value.problems) == [
+        "must be bool, got 'yes' @ data.shuffle",
+        "must be int, got 1.5 @ train.steps",
+        "must be int, got True @ train.micro_batch_size",
+    ]
+
+
+def test_missing_required_and_literal_choices(manager):
+    raw = _raw()
+    del raw["student"]["model"]
+    raw["train"] = {"schedule": "exp"}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert sorted(err.value.problems) == [
+        "must be one of 'constant', 'linear', 'cosine', got 'exp' @ train.schedule",
+        "required key missing @ student.model",
+    ]
+
+
+def test_empty_teacher_list_and_bad_blend_weight(manager):
+    raw = _raw()
+    raw["teachers"] = []
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == ["must list at least one teacher ([[teachers]]) @ teachers"]
+    raw["teachers"] = [{"backend": "hf", "model": "t", "blend_weight": float("nan")}]
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == ["must be finite, got nan @ teachers[0].blend_weight"]
+
+
+def test_topk_larger_than_a_teacher_cap_is_a_config_error(manager):
+    @attrs.frozen
+    class CappedOptions:
+        model: str = "m"
+
+    class Capped:
+        @hookimpl
+        def distill_teachers(self):
+            return [TeacherSpec(name="capped", summary="", config_cls=CappedOptions, factory=None, max_top_k=5)]
+
+    manager.register(Capped(), name="capped")
+    raw = _raw()
+    raw["teachers"] = [{"backend": "capped"}]
+    raw["loss"] = {"name": "topk_forward_kl", "top_k": 8}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == [
+        "top_k 8 exceeds what teacher 'm' (backend 'capped') can return (at most 5) @ loss.top_k"
+    ]
+
+
+def test_overrides_parse_toml_values_and_index_lists():
+    raw = _raw()
+    apply_overrides(raw, ["train.steps=7", "train.learning_rate=1e-3", "teachers.0.model=other",
+                          "sampling.top_p=0.5", "output_dir=runs/x", "data.shuffle=false"])
+    assert raw["train"] == {"steps": 7, "learning_rate": 1e-3}
+    assert raw["teachers"][0]["model"] == "other"
+    assert raw["output_dir"] == "runs/x" and raw["data"]["shuffle"] is False
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(raw, ["train.steps", "teachers.3.model=x"])
+    assert err.value.problems == [
+        "override 'train.steps' is not KEY=VALUE @ --set",
+        "no list item 3 for override 'teachers.3.model=x' @ --set",
+    ]
+
+
+def test_secrets_are_masked_in_display(manager):
+    @attrs.frozen
+    class RemoteOptions:
+        model: str
+        api_key: str | None = None
+        api_key_env: str = "FIREWORKS_API_KEY"
+
+    class Remote:
+        @hookimpl
+        def distill_teachers(self):
+            return [TeacherSpec(name="remote", summary="", config_cls=RemoteOptions, factory=None)]
+
+    manager.register(Remote(), name="remote")
+    raw = _raw()
+    raw["teachers"] = [{"backend": "remote", "model": "m", "api_key": "sk-very-secret"}]
+    shown = json.dumps(display_config(parse_config(raw, manager)))
+    assert "sk-very-secret" not in shown
+    assert '"api_key": "***"' in shown and '"api_key_env": "FIREWORKS_API_KEY"' in shown
+
+
+def test_validate_command_prints_every_error_and_exits_non_zero(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[student]\nmodel = "s"\n[data]\ntrain = "t"\n[[teachers]]\nbackend = "nope"\n'
+        '[train]\nsteps = -3\n'
+    )
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "validate", str(config)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"distill-run: 2 config error(s) in {config}:\n"
+        "  - must be > 0, got -3 @ train.steps\n"
+        "  - Unknown teacher 'nope'. Available: hf. @ teachers[0].backend\n"
+    )
+
+
+def test_load_config_reports_missing_file_and_bad_toml(tmp_path, manager):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml", manager)
+    (tmp_path / "bad.toml").write_text("[student\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml", manager)

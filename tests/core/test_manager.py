@@ -1,0 +1,150 @@
+"""The plugin manager: discovery with provenance, conflicts, disabling, broken plugins."""
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from distill import LossSpec, NoOptions, hookimpl
+from distill.errors import ComponentConflictError, PluginError, PluginLoadError, UnknownComponentError
+from distill.manager import PluginManager
+
+
+def _loss_plugin(name):
+    class Plugin:
+        @hookimpl
+        def distill_losses(self):
+            return [LossSpec(name=name, summary="test", teacher_signal="logprobs", factory=lambda o, c: None)]
+
+    return Plugin()
+
+
+def test_builtins_are_entry_points_with_provenance():
+    manager = PluginManager()
+    infos = {info.name: info for info in manager.plugins()}
+    assert {"hf", "losses", "routing", "checkpoint_local", "metrics"} <= set(infos)
+    assert infos["losses"].distribution == "distill"
+    assert ("loss", "sampled_reverse_kl") in infos["losses"].components
+    assert manager.provider("teacher", "hf").name == "hf"
+
+
+def test_two_plugins_registering_the_same_name_is_an_error_naming_both():
+    manager = PluginManager(load_entry_points=False)
+    manager.register(_loss_plugin("mine"), name="first")
+    manager.register(_loss_plugin("Mine"), name="second")  # names normalise: same component
+    with pytest.raises(ComponentConflictError) as err:
+        manager.components("loss")
+    assert str(err.value) == (
+        "loss 'mine' is registered twice: by plugin 'first' (registered in-process) and by plugin "
+        "'second' (registered in-process). Uninstall or disable one of them (--disable-plugin NAME)."
+    )
+    manager.unregister("second")
+    assert list(manager.components("loss")) == ["mine"]
+
+
+def test_disabled_plugin_is_not_loaded_and_named_in_lookups(monkeypatch):
+    monkeypatch.setenv("DISTILL_DISABLE_PLUGINS", "losses, metrics")
+    from distill.manager import disabled_from_env
+
+    manager = PluginManager(disabled=disabled_from_env())
+    assert "losses" not in {info.name for info in manager.plugins()}
+    with pytest.raises(UnknownComponentError) as err:
+        manager.get("loss", "sampled_reverse_kl")
+    assert str(err.value) == "Unknown loss 'sampled_reverse_kl'. Available: none. Disabled plugins: losses, metrics."
+
+
+def test_unknown_component_lists_what_is_available():
+    with pytest.raises(UnknownComponentError, match=r"^Unknown loss 'fkl'\. Available: sampled_reverse_kl, topk_forward_kl\.$"):
+        PluginManager().get("loss", "fkl")
+
+
+def test_hook_returning_the_wrong_type_names_the_plugin():
+    class Bad:
+        @hookimpl
+        def distill_losses(self):
+            return ["not a spec"]
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(Bad(), name="bad")
+    with pytest.raises(PluginError, match=r"plugin 'bad' \(registered in-process\): distill_losses\(\) returned 'not a spec'"):
+        manager.components("loss")
+
+
+def test_unknown_hook_name_is_rejected_at_registration():
+    class Typo:
+        @hookimpl
+        def distill_lossess(self):
+            return []
+
+    manager = PluginManager(load_entry_points=False)
+    with pytest.raises(PluginLoadError, match="plugin 'typo'"):
+        manager.register(Typo(), name="typo")
+
+
+@pytest.fixture
+def broken_distribution(tmp_path, monkeypatch):
+    """A real installed distribution (dist-info on sys.path) whose entry point fails to import."""
+    (tmp_path / "distill_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    info = tmp_path / "distill_broken-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: distill-broken\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[distill.plugins]\nbroken = distill_broken\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    yield
+    sys.modules.pop("distill_broken", None)
+
+
+def test_broken_plugin_is_reported_with_its_distribution(broken_distribution):
+    with pytest.raises(PluginLoadError) as err:
+        PluginManager()
+    assert str(err.value) == (
+        "plugin 'broken' (distribution distill-broken 0.3) failed to import (distill_broken): "
+        "RuntimeError: boom at import. Fix or uninstall distill-broken, or disable it with "
+        "--disable-plugin broken or DISTILL_DISABLE_PLUGINS=broken."
+    )
+    assert "broken" not in {info.name for info in PluginManager(disabled={"broken"}).plugins()}
+
+
+def test_cli_plugins_lists_provenance_and_honours_disable(capsys):
+    from distill.cli import main
+
+    assert main(["--disable-plugin", "metrics", "plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "losses  (distill 0.1.0)" in out
+    assert "sampled_reverse_kl" in out
+    assert "metrics  (" not in out
+    assert "disabled: metrics" in out
+
+
+def test_kernel_dispatch_reference_is_the_fallback_and_can_be_forced():
+    manager = PluginManager()
+    assert manager.select_loss_kernel(loss="sampled_reverse_kl", kernel="auto", device="cpu", dtype="float32").name == "reference"
+
+    class Claims:
+        name = "claiming"
+
+        @hookimpl
+        def distill_select_loss_kernel(self, loss, kernel, device, dtype):
+            return self if kernel in ("auto", "claiming") else None
+
+    manager.register(Claims(), name="claims")
+    assert manager.select_loss_kernel(loss="x", kernel="auto", device="cpu", dtype="float32").name == "claiming"
+    assert manager.select_loss_kernel(loss="x", kernel="reference", device="cpu", dtype="float32").name == "reference"
+    with pytest.raises(UnknownComponentError, match="No installed plugin provides loss kernel 'triton'"):
+        manager.select_loss_kernel(loss="x", kernel="triton", device="cpu", dtype="float32")
+
+
+def test_observers_receive_keyword_arguments():
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def distill_on_step_end(self, step, metrics):  # may name only the arguments it needs
+            seen.append((step, dict(metrics)))
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(Observer(), name="observer")
+    manager.on_step_end(run=None, step=3, metrics={"loss": 1.0})
+    assert seen == [(3, {"loss": 1.0})]
