@@ -7,6 +7,7 @@ sampling must draw from a seeded generator so a resumed run repeats it bit for b
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,11 @@ def _filter(logits_B_V: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
     return logits_B_V
+
+
+def _cache_argument(model: Any) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; accept both generations."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -70,6 +76,7 @@ def generate(
     tokens, sampling_lps, model_lps = [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long)
+    cache_arg = _cache_argument(model)
     cache = None
     step_ids, step_positions = input_ids, positions
     try:
@@ -78,10 +85,10 @@ def generate(
                 input_ids=step_ids,
                 attention_mask=attention,
                 position_ids=step_positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_arg: cache},
             )
-            cache = out.past_key_values
+            cache = getattr(out, cache_arg)
             logits = out.logits[:, -1].float()
             model_lp = torch.log_softmax(logits, dim=-1)
             if greedy:

@@ -1,0 +1,186 @@
+"""End-to-end runs on tiny real models: summary, final checkpoint, exact resume after SIGTERM/SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distill.config import load_config
+from distill.errors import TokenizerMismatchError
+from distill.loop import run
+
+from ..conftest import build_model, build_tokenizer, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+ROWS = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}], "expected_answer": str(a + b)}
+        for a in range(10) for b in range(10)]
+
+
+def _write_config(tmp_path, models, *, steps=6, extra=""):
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:80] + ["broken line", {"messages": 5}])
+    write_jsonl(tmp_path / "eval.jsonl", ROWS[80:])
+    config = tmp_path / "run.toml"
+    config.write_text(f"""
+output_dir = "{tmp_path / 'out'}"
+seed = 5
+[student]
+model = "{models['student']}"
+[[teachers]]
+backend = "hf"
+model = "{models['teacher']}"
+[data]
+train = "train.jsonl"
+eval = "eval.jsonl"
+[sampling]
+max_new_tokens = 5
+[train]
+steps = {steps}
+prompt_groups_per_step = 4
+completions_per_prompt = 2
+micro_batch_size = 3
+learning_rate = 3e-3
+warmup_steps = 2
+schedule = "cosine"
+threads = 1
+[checkpoint]
+every_steps = 2
+keep_last = 2
+[eval]
+answer_pattern = "Answer: *(\\\\d+)"
+{extra}
+""")
+    return config
+
+
+def _cli(*args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", *args], env=env or os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_short_run_writes_metrics_summary_and_a_loadable_final_model(tmp_path, tiny_models, manager):
+    config = load_config(_write_config(tmp_path, tiny_models, steps=4), manager)
+    summary = run(config, manager, progress=False)
+    out = tmp_path / "out"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(line["loss"]) and line["completion_tokens"] > 0 for line in lines)
+    assert lines[0]["learning_rate"] == pytest.approx(1.5e-3)  # warmup 1/2 of 3e-3
+    assert summary["steps"] == 4
+    assert summary["tokens"] == sum(line["completion_tokens"] for line in lines)
+    assert summary["rows_skipped"] == {"invalid_json": 1, "malformed_messages": 1}
+    assert set(summary["time_s"]) == {"sampling", "teacher_scoring", "training", "eval", "checkpoint"}
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert math.isfinite(summary["reverse_kl_before"]) and math.isfinite(summary["reverse_kl_after"])
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(tokenizer)
+    trained = load_file(out / "final" / "model.safetensors")
+    initial = load_file(Path(tiny_models["student"]) / "model.safetensors")
+    assert any(not (trained[k] == initial[k]).all() for k in initial)
+
+
+@pytest.mark.slow
+def test_topk_forward_kl_runs_end_to_end(tmp_path, tiny_models, manager):
+    config = load_config(_write_config(tmp_path, tiny_models, steps=2), manager,
+                         ["loss.name=topk_forward_kl", "loss.top_k=4", "data.eval=''"])
+    summary = run(config, manager, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < lines[0]["teacher_topk_mass"] <= 1 and summary["loss"] == "topk_forward_kl"
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tiny_models, manager):
+    other = build_tokenizer(tmp_path / "other_tok", alphabet=list("0123456789abc"))
+    build_model(tmp_path / "other_teacher", other, seed=3)
+    config = load_config(_write_config(tmp_path, tiny_models), manager,
+                         [f"teachers.0.model='{tmp_path / 'other_teacher'}'"])
+    with pytest.raises(TokenizerMismatchError, match=r"Teacher '.*other_teacher' does not share the student's vocabulary \(19 vs 75 tokens"):
+        run(config, manager, progress=False)
+
+
+def _wait_for_steps(proc, metrics: Path, count: int, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError("run made no progress")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_then_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, tiny_models, how):
+    config = _write_config(tmp_path, tiny_models, steps=12)
+    reference = _cli("run", str(config), "--no-progress", "--set", f"output_dir='{tmp_path / 'ref'}'")
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    out = tmp_path / "interrupted"
+    args = ("run", str(config), "--no-progress", "--set", f"output_dir='{out}'")
+    first = _cli(*args)
+    _wait_for_steps(first, out / "metrics.jsonl", 5)
+    first.send_signal(how)
+    code = first.wait(timeout=120)
+    _, err = first.communicate()
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert done < 12
+    if how == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM, err
+        assert "Stopped by SIGTERM after step" in err
+        assert (out / "checkpoints" / f"step-{done:08d}").is_dir()  # a checkpoint at the stop
+    else:
+        assert code == -signal.SIGKILL
+
+    second = _cli(*args)
+    assert second.wait(timeout=300) == 0, second.communicate()
+    ref_weights = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    resumed = load_file(out / "final" / "model.safetensors")
+    assert ref_weights.keys() == resumed.keys()
+    for name in ref_weights:
+        assert (ref_weights[name] == resumed[name]).all(), name
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # redone steps replace, never duplicate, their lines
+
+
+def test_no_resume_refuses_an_output_dir_with_checkpoints(tmp_path, tiny_models, manager):
+    config = load_config(_write_config(tmp_path, tiny_models, steps=2), manager, ["data.eval=''"])
+    run(config, manager, progress=False)
+    proc = _cli("run", str(tmp_path / "run.toml"), "--no-resume", "--set", "data.eval=''")
+    assert proc.wait(timeout=120) == 1
+    assert "already holds checkpoints (latest: step 2)" in proc.communicate()[1]
+
+
+@pytest.mark.slow
+def test_third_party_plugin_package_is_discovered_and_used(tmp_path, tiny_models):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(REPO / "tests" / "third_party_plugin")],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    listing = _cli("plugins", "--json", env=env)
+    plugins = {p["name"]: p for p in json.loads(listing.communicate()[0])}
+    assert plugins["uniform"]["distribution"] == "distill-uniform-teacher"
+    assert plugins["uniform"]["version"] == "0.2.0"
+    assert plugins["uniform"]["components"] == [{"kind": "teacher", "name": "uniform"}]
+
+    config = _write_config(tmp_path, tiny_models, steps=2)
+    vocab = json.loads((Path(tiny_models["student"]) / "config.json").read_text())["vocab_size"]
+    proc = _cli("run", str(config), "--no-progress", "--set", "teachers.0={backend = 'uniform', vocab_size = %d}" % vocab,
+                "--set", "data.eval=''", env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["teacher_logprob"] == pytest.approx(-math.log(vocab))
