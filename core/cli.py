@@ -41,8 +41,8 @@ def _configure_logging(verbose: bool) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # look sys.stderr up per logger: it may be replaced (pytest capture, a redirecting host)
+        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
     )
 
 
