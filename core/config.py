@@ -25,7 +25,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, UnknownComponentError
 
 if TYPE_CHECKING:
     from distill.manager import PluginManager
@@ -50,6 +50,10 @@ __all__ = [
     "display_config",
     "resolve_path",
     "teacher_key",
+    "positive",
+    "non_negative",
+    "finite",
+    "unit_interval",
 ]
 
 
@@ -123,7 +127,7 @@ class TrainConfig:
     adam_eps: float = _field(1e-8, positive)
     warmup_steps: int = _field(0, non_negative)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float | None = _field(1.0, positive)
+    max_grad_norm: float = _field(1.0, finite, non_negative)  # 0 turns clipping off
     threads: int | None = _field(None, positive)
 
 
@@ -131,7 +135,6 @@ class TrainConfig:
 class EvalConfig:
     every_steps: int = _field(0, non_negative)
     max_new_tokens: int | None = _field(None, positive)
-    batch_size: int = _field(64, positive)
     answer_pattern: str | None = attrs.field(default=None)
     limit: int | None = _field(None, positive)
     at_start: bool = True
@@ -355,27 +358,32 @@ def parse_config(
     else:
         sink_options = {}
 
+    stray_source = ["unknown key(s) 'source' @ (top level)"] if "source" in raw else []
+    raw.pop("source", None)
     config, problems = structure(raw, RunConfig)
+    problems = stray_source + problems
     if config is None:
         raise ConfigError(problems, source)
 
     options: dict[str, Any] = {}
+    checks: list[tuple[Any, str]] = []
     for path, kind, key, rest, index in deferred:
         section_cfg = config.teachers[index] if index is not None else getattr(config, path)
         name = getattr(section_cfg, key)
         try:
             spec = manager.get(kind, name)
-        except Exception as exc:  # UnknownComponentError: report with the path, keep going
+        except UnknownComponentError as exc:  # report with the path, keep going
             problems.append(f"{exc} @ {path}.{key}")
             continue
         obj, errs = structure(rest, spec.config_cls, path)
         problems.extend(errs)
         options[path] = obj
+        checks.append((spec, path))
     sinks: dict[str, Any] = {}
     for name in config.metrics.sinks:
         try:
             spec = manager.get("metric_sink", name)
-        except Exception as exc:
+        except UnknownComponentError as exc:
             problems.append(f"{exc} @ metrics.sinks")
             continue
         obj, errs = structure(sink_options.get(name, {}), spec.config_cls, f"metrics.{name}")
@@ -384,10 +392,11 @@ def parse_config(
     for extra in set(sink_options) - set(config.metrics.sinks):
         problems.append(f"options given for sink '{extra}' which is not in metrics.sinks @ metrics.{extra}")
     problems.extend(_check_top_k(config, options, manager))
+    problems.extend(_check_teacher_names(config, options))
     if problems:
         raise ConfigError(problems, source)
 
-    return attrs.evolve(
+    config = attrs.evolve(
         config,
         sampler=attrs.evolve(config.sampler, options=options["sampler"]),
         router=attrs.evolve(config.router, options=options["router"]),
@@ -399,6 +408,12 @@ def parse_config(
         metrics=attrs.evolve(config.metrics, options=sinks),
         source=source,
     )
+    for spec, path in checks:
+        if spec.check is not None:
+            problems.extend(spec.check(options[path], config))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
 
 
 def _check_top_k(config: RunConfig, options: dict[str, Any], manager: PluginManager) -> list[str]:
@@ -412,11 +427,28 @@ def _check_top_k(config: RunConfig, options: dict[str, Any], manager: PluginMana
             continue
         cap = manager.get("teacher", teacher.backend).max_top_k
         if cap is not None and top_k > cap:
-            name = teacher_key(attrs.evolve(teacher, options=options[f"teachers[{index}]"]), index)
+            with attrs.validators.disabled():
+                name = teacher_key(attrs.evolve(teacher, options=options[f"teachers[{index}]"]), index)
             problems.append(
                 f"top_k {top_k} exceeds what teacher '{name}' (backend '{teacher.backend}') can "
                 f"return (at most {cap}) @ loss.top_k"
             )
+    return problems
+
+
+def _check_teacher_names(config: RunConfig, options: dict[str, Any]) -> list[str]:
+    """Teachers are addressed by name (routes, metrics): two with one name would shadow each other."""
+    seen: dict[str, int] = {}
+    problems = []
+    for index, teacher in enumerate(config.teachers):
+        with attrs.validators.disabled():  # problems of the entry itself are reported already
+            name = teacher_key(attrs.evolve(teacher, options=options.get(f"teachers[{index}]")), index)
+        if name in seen:
+            problems.append(
+                f"teacher name '{name}' is already used by teachers[{seen[name]}]; give one of them "
+                f"a distinct `name` @ teachers[{index}]"
+            )
+        seen.setdefault(name, index)
     return problems
 
 

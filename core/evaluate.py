@@ -27,15 +27,22 @@ def extract_answer(text: str, pattern: str | None) -> str | None:
 
 
 async def accuracy(
-    generator: Any, rows: Sequence[PromptRow], tokenizer: Any, config: RunConfig
+    generator: Any,
+    rows: Sequence[PromptRow],
+    tokenizer: Any,
+    config: RunConfig,
+    *,
+    teacher_prompts: bool = False,
 ) -> float | None:
-    """Greedy exact-match accuracy of ``generator.complete`` on rows that carry an expected answer."""
+    """Greedy exact-match accuracy of ``generator.complete`` on rows that carry an expected answer.
+
+    ``teacher_prompts`` grades a teacher on the prompt it sees in training (its privileged one).
+    """
     graded = [row for row in rows if row.expected_answer is not None]
     if not graded:
         return None
-    completions = await generator.complete(
-        [row.prompt_ids for row in graded], max_new_tokens=_max_new_tokens(config)
-    )
+    prompts = [row.teacher_prompt_ids if teacher_prompts else row.prompt_ids for row in graded]
+    completions = await generator.complete(prompts, max_new_tokens=_max_new_tokens(config))
     correct = sum(
         extract_answer(tokenizer.decode(ids, skip_special_tokens=True), config.eval.answer_pattern)
         == row.expected_answer.strip()

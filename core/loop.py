@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from distill.align import build_token_batch
-from distill.config import RunConfig, display_config, resolve_path, teacher_key
+from distill.config import RunConfig, converter, display_config, resolve_path, teacher_key
 from distill.data import DataCursor, Dataset, load_dataset
 from distill.errors import CheckpointError, DistillError, TokenizerMismatchError
 from distill.evaluate import accuracy, evaluate
@@ -86,6 +86,12 @@ class _StopFlag:
         self.requested = signal.Signals(signum).name
         self.signum = signum
         log.warning("stop requested, finishing the step and saving a checkpoint", signal=self.requested)
+
+    def raise_if_requested(self, when: str) -> None:
+        if self.requested is not None:
+            raise RunInterrupted(
+                f"Stopped by {self.requested} {when}. Run the same command again to resume.", self.signum
+            )
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -150,10 +156,10 @@ def _build(
         loss=loss_spec.name, kernel=config.loss.kernel, device=model.device.type, dtype=dtype
     )
     teachers: dict[str, Any] = {}
-    shared: dict[tuple[str, Any], Any] = {}  # teachers naming the same model share one instance
+    shared: dict[str, Any] = {}  # teachers with the same backend and options share one instance
     for index, teacher in enumerate(config.teachers):
         spec = manager.get("teacher", teacher.backend)
-        identity = (spec.name, teacher.options)
+        identity = json.dumps([spec.name, converter.unstructure(teacher.options)], sort_keys=True, default=str)
         if identity not in shared:
             shared[identity] = spec.factory(teacher.options, context)
         name = teacher_key(teacher, index)
@@ -223,196 +229,233 @@ def _rollout_metrics(rollouts: Sequence[Rollout], scores: Sequence[TeacherScores
     }
 
 
-async def _run(config: RunConfig, manager: PluginManager, resume: Resume, progress: bool | None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+class _Run:
+    """The state of one run and the steps of the recipe; :meth:`execute` reads top to bottom."""
 
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.seed)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_info = RunInfo(config=config, output_dir=output_dir)
+    def __init__(self, config: RunConfig, manager: PluginManager, resume: Resume, progress: bool | None) -> None:
+        self.config = config
+        self.manager = manager
+        self.resume = resume
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.output_dir = Path(config.output_dir)
+        self.info = RunInfo(config=config, output_dir=self.output_dir)
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped": {}, "eval": {}, "times": {}, "wall_time_s": 0.0}
+        self.skipped: Counter[str] = Counter()
+        self.clock = _Clock()
+        self.wall_before = 0.0
 
-    # Where to start: the newest complete checkpoint, unless told otherwise.
-    probe = manager.get("checkpoint_backend", config.checkpoint.backend).factory(
-        config.checkpoint.options,
-        BuildContext(run_config=config, output_dir=output_dir, seed=config.seed, device=config.student.device),
-    )
-    checkpoint = probe.latest()
-    if checkpoint is not None and resume == "never":
-        raise CheckpointError(
-            f"{output_dir} already holds checkpoints (latest: step {checkpoint.step}). Resume it, "
-            f"or choose another output_dir (--set output_dir=...) to start afresh."
+    # -- setting up -----------------------------------------------------------------------------
+
+    def _latest_checkpoint(self) -> Any:
+        config = self.config
+        backend = self.manager.get("checkpoint_backend", config.checkpoint.backend).factory(
+            config.checkpoint.options,
+            BuildContext(run_config=config, output_dir=self.output_dir, seed=config.seed, device=config.student.device),
         )
-    if checkpoint is None and resume == "always":
-        raise CheckpointError(f"Nothing to resume: no complete checkpoint under {output_dir}.")
-    model_path = checkpoint.model_dir if checkpoint else resolve_path(config.student.model, config)
-    parts = _build(config, manager, output_dir, model_path)
-    (output_dir / "config.json").write_text(json.dumps(display_config(config), indent=1), encoding="utf-8")
+        checkpoint = backend.latest()
+        if checkpoint is not None and self.resume == "never":
+            raise CheckpointError(
+                f"{self.output_dir} already holds checkpoints (latest: step {checkpoint.step}). Resume "
+                f"it, or choose another output_dir (--set output_dir=...) to start afresh."
+            )
+        if checkpoint is None and self.resume == "always":
+            raise CheckpointError(f"Nothing to resume: no complete checkpoint under {self.output_dir}.")
+        return checkpoint
 
-    max_context = getattr(parts.trainer.model.config, "max_position_embeddings", None)
-    limit = config.data.max_prompt_tokens
-    if max_context:
-        room = max_context - config.sampling.max_new_tokens
-        limit = room if limit is None else min(limit, room)
-    train_data = load_dataset(resolve_path(config.data.train, config), parts.tokenizer, max_prompt_tokens=limit)
-    eval_data: Dataset | None = None
-    if config.data.eval:
-        eval_data = load_dataset(resolve_path(config.data.eval, config), parts.tokenizer, max_prompt_tokens=limit)
-    eval_rows = eval_data.rows[: config.eval.limit] if eval_data else ()
-    for dataset in filter(None, (train_data, eval_data)):
-        if dataset.skipped:
-            log.warning("skipped dataset rows", path=dataset.path, by_reason=dataset.skipped,
-                        first_line=dataset.first_skipped_line)
+    def _load_data(self) -> None:
+        config, tokenizer = self.config, self.parts.tokenizer
+        limit = config.data.max_prompt_tokens
+        max_context = getattr(self.parts.trainer.model.config, "max_position_embeddings", None)
+        if max_context:
+            room = max_context - max(config.sampling.max_new_tokens, config.eval.max_new_tokens or 0)
+            limit = room if limit is None else min(limit, room)
+        self.train_data = load_dataset(resolve_path(config.data.train, config), tokenizer, max_prompt_tokens=limit)
+        self.eval_data: Dataset | None = None
+        if config.data.eval:
+            self.eval_data = load_dataset(resolve_path(config.data.eval, config), tokenizer, max_prompt_tokens=limit)
+        self.eval_rows = self.eval_data.rows[: config.eval.limit] if self.eval_data else ()
+        for dataset in filter(None, (self.train_data, self.eval_data)):
+            if dataset.skipped:
+                log.warning("skipped dataset rows", path=dataset.path, by_reason=dataset.skipped,
+                            first_line=dataset.first_skipped_line)
 
-    cursor = DataCursor(len(train_data.rows), seed=config.seed, shuffle=config.data.shuffle)
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped": {}, "eval": {}, "times": {}}
-    if checkpoint is not None:
-        parts.trainer.load_state_dict(checkpoint.trainer_state)
-        state = checkpoint.loop_state
-        cursor.load_state_dict(state["cursor"])
-        log.info("resumed", step=checkpoint.step, checkpoint=checkpoint.uri)
-    start_step = state["step"]
-    skipped: Counter[str] = Counter(state["skipped"])
-    clock = _Clock(state["times"])
-    for sink in parts.sinks:
-        sink.resume_at(start_step)
+    def prepare(self) -> None:
+        config = self.config
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = self._latest_checkpoint()
+        model_path = checkpoint.model_dir if checkpoint else resolve_path(config.student.model, config)
+        self.parts = _build(config, self.manager, self.output_dir, model_path)
+        (self.output_dir / "config.json").write_text(json.dumps(display_config(config), indent=1), encoding="utf-8")
+        self._load_data()
+        self.cursor = DataCursor(len(self.train_data.rows), seed=config.seed, shuffle=config.data.shuffle)
+        if checkpoint is not None:
+            self.parts.trainer.load_state_dict(checkpoint.trainer_state)
+            self.state = checkpoint.loop_state
+            self.cursor.load_state_dict(self.state["cursor"])
+            log.info("resumed", step=checkpoint.step, checkpoint=checkpoint.uri)
+        self.skipped = Counter(self.state["skipped"])
+        self.clock = _Clock(self.state["times"])
+        self.wall_before = self.state["wall_time_s"]
+        for sink in self.parts.sinks:
+            sink.resume_at(self.state["step"])
 
-    async def score(rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
-        return await _route_and_score(rollouts, parts, parts.trainer.objective.top_k, Counter())
+    # -- the recipe -----------------------------------------------------------------------------
 
-    async def run_eval(step: int) -> dict[str, Any]:
-        with clock.phase("eval"):
-            result = await evaluate(parts.sampler, score, eval_rows, parts.tokenizer, config)
+    async def score(
+        self, rollouts: Sequence[Rollout], skipped: Counter[str] | None = None
+    ) -> tuple[list[Rollout], list[TeacherScores]]:
+        top_k = self.parts.trainer.objective.top_k
+        return await _route_and_score(rollouts, self.parts, top_k, Counter() if skipped is None else skipped)
+
+    async def evaluate(self, step: int) -> dict[str, Any]:
+        with self.clock.phase("eval"):
+            result = await evaluate(self.parts.sampler, self.score, self.eval_rows, self.parts.tokenizer, self.config)
         log.info("eval", step=step, **result)
-        state["eval"].setdefault("history", []).append({"step": step, **result})
+        self.state["eval"].setdefault("history", []).append({"step": step, **result})
         return result
 
-    if eval_rows and "before" not in state["eval"] and config.eval.at_start:
-        teacher = next(iter(parts.teachers.values()))
-        if hasattr(teacher, "complete") and len(parts.teachers) == 1:
-            with clock.phase("eval"):
-                state["eval"]["teacher_accuracy"] = await accuracy(teacher, eval_rows, parts.tokenizer, config)
-        state["eval"]["before"] = await run_eval(0)
+    async def evaluate_before(self) -> None:
+        """Teacher and student accuracy before training (once per run, kept across resumes)."""
+        evaluation = self.state["eval"]
+        if not self.eval_rows or "before" in evaluation or not self.config.eval.at_start:
+            return
+        teacher = next(iter(self.parts.teachers.values()))
+        if len(self.parts.teachers) == 1 and hasattr(teacher, "complete"):
+            with self.clock.phase("eval"):
+                evaluation["teacher_accuracy"] = await accuracy(
+                    teacher, self.eval_rows, self.parts.tokenizer, self.config, teacher_prompts=True
+                )
+        evaluation["before"] = await self.evaluate(0)
 
-    params = SamplingParams(
-        max_new_tokens=config.sampling.max_new_tokens,
-        temperature=config.sampling.temperature,
-        top_k=config.sampling.top_k,
-        top_p=config.sampling.top_p,
-        n=config.train.completions_per_prompt,
-    )
-    bar = tqdm(total=config.train.steps, initial=start_step, unit="step",
-               disable=True if progress is False else None, dynamic_ncols=True)
-    log_steps = bar.disable
-    started = time.perf_counter()
-    wall_before = state.get("wall_time_s", 0.0)
-    step = start_step
+    async def train_step(self, step: int, params: SamplingParams) -> dict[str, Any] | None:
+        """Sample, score, train on one step's rows; None when no row could be scored."""
+        config, parts, clock = self.config, self.parts, self.clock
+        rows = [self.train_data.rows[i] for i in self.cursor.take(config.train.prompt_groups_per_step)]
+        with clock.phase("sampling"):
+            rollouts = await parts.sampler.sample(rows, params, seed=_step_seed(config.seed, step))
+        with clock.phase("teacher_scoring"):
+            rollouts, scores = await self.score(rollouts, self.skipped)
+        if not rollouts:
+            log.warning("no row of this step could be scored", step=step, skipped=dict(self.skipped))
+            return None
+        batch = build_token_batch(rollouts, scores, pad_id=parts.tokenizer.pad_token_id or 0)
+        with clock.phase("training"):
+            train_metrics = parts.trainer.train_step(batch)
+        parts.sampler.sync_weights(step)
+        self.state["tokens"] += batch.num_tokens
+        busy = sum(clock.last[p] for p in ("sampling", "teacher_scoring", "training"))
+        return {
+            **train_metrics,
+            **_rollout_metrics(rollouts, scores),
+            "route_skips_total": sum(self.skipped.values()),
+            "time_sampling_s": clock.last["sampling"],
+            "time_teacher_scoring_s": clock.last["teacher_scoring"],
+            "time_training_s": clock.last["training"],
+            "tokens_per_s": batch.num_tokens / busy if busy else 0.0,
+        }
 
-    def save(step: int) -> None:
-        state.update(step=step, cursor=cursor.state_dict(), skipped=dict(skipped), times=clock.totals,
-                     wall_time_s=wall_before + time.perf_counter() - started)
-        with clock.phase("checkpoint"):
-            uri = parts.checkpoints.save(step, model=parts.trainer.model, tokenizer=parts.tokenizer,
-                                         trainer_state=parts.trainer.state_dict(), loop_state=state)
-        manager.on_checkpoint_saved(run=run_info, step=step, uri=uri)
+    def record(self, step: int, metrics: dict[str, Any]) -> None:
+        for sink in self.parts.sinks:
+            sink.write(step, metrics)
+        self.manager.on_step_end(run=self.info, step=step, metrics=metrics)
+
+    def save(self, step: int) -> None:
+        self.state.update(step=step, cursor=self.cursor.state_dict(), skipped=dict(self.skipped),
+                          times=self.clock.totals, wall_time_s=self.wall_time())
+        with self.clock.phase("checkpoint"):
+            uri = self.parts.checkpoints.save(
+                step, model=self.parts.trainer.model, tokenizer=self.parts.tokenizer,
+                trainer_state=self.parts.trainer.state_dict(), loop_state=self.state,
+            )
+        self.manager.on_checkpoint_saved(run=self.info, step=step, uri=uri)
         log.info("checkpoint", step=step, uri=uri)
 
-    with _StopFlag() as stop:
-        try:
-            for step in range(start_step + 1, config.train.steps + 1):
-                rows = [train_data.rows[i] for i in cursor.take(config.train.prompt_groups_per_step)]
-                with clock.phase("sampling"):
-                    rollouts = await parts.sampler.sample(rows, params, seed=_step_seed(config.seed, step))
-                with clock.phase("teacher_scoring"):
-                    rollouts, scores = await _route_and_score(
-                        rollouts, parts, parts.trainer.objective.top_k, skipped
-                    )
-                if not rollouts:
-                    log.warning("no row of this step could be scored", step=step)
-                    continue
-                batch = build_token_batch(rollouts, scores, pad_id=parts.tokenizer.pad_token_id or 0)
-                with clock.phase("training"):
-                    train_metrics = parts.trainer.train_step(batch)
-                parts.sampler.sync_weights(step)
-                state["tokens"] += batch.num_tokens
-                step_time = sum(clock.last.get(p, 0.0) for p in ("sampling", "teacher_scoring", "training"))
-                metrics = {
-                    **train_metrics,
-                    **_rollout_metrics(rollouts, scores),
-                    "rows_skipped_total": sum(skipped.values()),
-                    "time_sampling_s": clock.last["sampling"],
-                    "time_teacher_scoring_s": clock.last["teacher_scoring"],
-                    "time_training_s": clock.last["training"],
-                    "tokens_per_s": batch.num_tokens / step_time if step_time else 0.0,
-                }
-                for sink in parts.sinks:
-                    sink.write(step, metrics)
-                manager.on_step_end(run=run_info, step=step, metrics=metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", rkl=f"{metrics['reverse_kl']:.4f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-                if log_steps:
-                    log.info("step", step=step, loss=metrics["loss"], reverse_kl=metrics["reverse_kl"],
-                             grad_norm=metrics["grad_norm"], tokens_per_s=metrics["tokens_per_s"])
-                if eval_rows and config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.train.steps:
-                    await run_eval(step)
-                every = config.checkpoint.every_steps
-                if stop.requested or step == config.train.steps or (every and step % every == 0):
-                    save(step)
-                if stop.requested:
-                    raise RunInterrupted(
-                        f"Stopped by {stop.requested} after step {step}; the checkpoint is saved. "
-                        f"Run the same command again to resume.",
-                        stop.signum,
-                    )
-        finally:
-            bar.close()
-            for sink in parts.sinks:
-                sink.close()
+    def wall_time(self) -> float:
+        """Wall time of this run, including earlier attempts it resumed from."""
+        return self.wall_before + time.perf_counter() - self.started
 
-    if eval_rows:
-        state["eval"]["after"] = await run_eval(config.train.steps)
-    final_uri = parts.checkpoints.save_final(model=parts.trainer.model, tokenizer=parts.tokenizer)
-    summary = _summary(config, state, skipped, train_data, eval_data, clock,
-                       wall_before + time.perf_counter() - started, final_uri, parts)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    log.info("done", summary=str(output_dir / "summary.json"), final_model=final_uri)
-    return summary
+    async def execute(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.prepare()
+        self.started_from = self.state["step"]
+        params = SamplingParams(
+            max_new_tokens=config.sampling.max_new_tokens,
+            temperature=config.sampling.temperature,
+            top_k=config.sampling.top_k,
+            top_p=config.sampling.top_p,
+            n=config.train.completions_per_prompt,
+        )
+        every_eval, every_save = config.eval.every_steps, config.checkpoint.every_steps
+        with _StopFlag() as stop:
+            await self.evaluate_before()
+            stop.raise_if_requested("before training started")
+            bar = tqdm(total=config.train.steps, initial=self.started_from, unit="step",
+                       disable=True if self.progress is False else None, dynamic_ncols=True)
+            try:
+                for step in range(self.started_from + 1, config.train.steps + 1):
+                    metrics = await self.train_step(step, params)
+                    if metrics is not None:
+                        self.record(step, metrics)
+                        _show(bar, step, metrics)
+                    bar.update(1)
+                    if self.eval_rows and every_eval and step % every_eval == 0 and step < config.train.steps:
+                        await self.evaluate(step)
+                    if stop.requested or step == config.train.steps or (every_save and step % every_save == 0):
+                        self.save(step)
+                    stop.raise_if_requested(f"after step {step}; the checkpoint is saved")
+            finally:
+                bar.close()
+                for sink in self.parts.sinks:
+                    sink.close()
+            if self.eval_rows:
+                self.state["eval"]["after"] = await self.evaluate(config.train.steps)
+            stop.raise_if_requested("during the final evaluation; training is complete and saved")
+        final_uri = self.parts.checkpoints.save_final(model=self.parts.trainer.model, tokenizer=self.parts.tokenizer)
+        summary = self.summary(final_uri)
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        log.info("done", summary=str(self.output_dir / "summary.json"), final_model=final_uri)
+        return summary
+
+    def summary(self, final_uri: str) -> dict[str, Any]:
+        config, evaluation = self.config, self.state["eval"]
+        before, after = evaluation.get("before", {}), evaluation.get("after", {})
+        return {
+            "steps": config.train.steps,
+            "resumed_from_step": self.started_from or None,
+            "tokens": self.state["tokens"],
+            "wall_time_s": self.wall_time(),
+            "time_s": {k: self.clock.totals.get(k, 0.0)
+                       for k in ("sampling", "teacher_scoring", "training", "eval", "checkpoint")},
+            "rows_train": len(self.train_data.rows),
+            "rows_skipped": dict(Counter(self.train_data.skipped) + self.skipped),
+            "eval_rows": len(self.eval_rows),
+            "eval_rows_skipped": dict(self.eval_data.skipped) if self.eval_data else {},
+            "teacher_accuracy": evaluation.get("teacher_accuracy"),
+            "student_accuracy_before": before.get("accuracy"),
+            "student_accuracy_after": after.get("accuracy"),
+            "reverse_kl_before": before.get("reverse_kl"),
+            "reverse_kl_after": after.get("reverse_kl"),
+            "eval_history": evaluation.get("history", []),
+            "loss": config.loss.name,
+            "loss_kernel": self.parts.trainer.kernel.name,
+            "final_model": final_uri,
+        }
 
 
-def _summary(
-    config: RunConfig,
-    state: dict[str, Any],
-    skipped: Counter[str],
-    train_data: Dataset,
-    eval_data: Dataset | None,
-    clock: _Clock,
-    wall_time: float,
-    final_uri: str,
-    parts: _Components,
-) -> dict[str, Any]:
-    evaluation = state["eval"]
-    before, after = evaluation.get("before", {}), evaluation.get("after", {})
-    rows_skipped = Counter(train_data.skipped) + skipped
-    return {
-        "steps": config.train.steps,
-        "tokens": state["tokens"],
-        "wall_time_s": wall_time,
-        "time_s": {k: clock.totals.get(k, 0.0) for k in ("sampling", "teacher_scoring", "training", "eval", "checkpoint")},
-        "rows_train": len(train_data.rows),
-        "rows_skipped": dict(rows_skipped),
-        "eval_rows_skipped": dict(eval_data.skipped) if eval_data else {},
-        "teacher_accuracy": evaluation.get("teacher_accuracy"),
-        "student_accuracy_before": before.get("accuracy"),
-        "student_accuracy_after": after.get("accuracy"),
-        "reverse_kl_before": before.get("reverse_kl"),
-        "reverse_kl_after": after.get("reverse_kl"),
-        "eval_history": evaluation.get("history", []),
-        "loss": config.loss.name,
-        "loss_kernel": parts.trainer.kernel.name,
-        "final_model": final_uri,
-    }
+def _show(bar: Any, step: int, metrics: dict[str, Any]) -> None:
+    """Progress on a terminal; one log line per step otherwise (the bar is disabled there)."""
+    if bar.disable:
+        log.info("step", step=step, loss=metrics["loss"], reverse_kl=metrics["reverse_kl"],
+                 grad_norm=metrics["grad_norm"], tokens_per_s=metrics["tokens_per_s"])
+    else:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", rkl=f"{metrics['reverse_kl']:.4f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
 
 def run(
@@ -424,4 +467,4 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) a distillation; return the summary also written to ``summary.json``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return asyncio.run(_run(config, manager, resume, progress))
+    return asyncio.run(_Run(config, manager, resume, progress).execute())

@@ -39,6 +39,9 @@ class Sampler(Protocol):
     ) -> list[Rollout]:
         """``params.n`` completions per row, grouped by row. Same seed and weights, same result."""
 
+    async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completion ids (without prompt), one list per prompt; used by evaluation."""
+
     def sync_weights(self, step: int) -> None:
         """Make the next ``sample`` use the weights just trained (a no-op when weights are shared)."""
 

@@ -81,10 +81,8 @@ class Trainer:
             sums["loss"] += float(loss_sum.detach())
             for name, value in metric_sums.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
-        if train.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, train.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+        # max_norm=inf measures the norm without clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, train.max_grad_norm or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

@@ -54,13 +54,16 @@ class ComponentSpec:
 
     ``factory(options, context)`` builds the working object; ``options`` is an instance of
     ``config_cls`` structured from the run config, ``context`` a :class:`BuildContext`.
-    Factories do the heavy imports and I/O, hooks stay cheap.
+    Factories do the heavy imports and I/O, hooks stay cheap. ``check(options, run_config)``, if
+    given, returns problems (``"message @ path"``) with the rest of the config, found at config
+    time (``distill-run validate``) rather than mid-run.
     """
 
     name: str = attrs.field(converter=_normalise_name)
     summary: str
     factory: Callable[[Any, BuildContext], Any]
     config_cls: type = NoOptions
+    check: Callable[[Any, Any], list[str]] | None = None
 
     kind: ClassVar[str] = "component"
 

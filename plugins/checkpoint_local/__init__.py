@@ -65,9 +65,11 @@ class LocalCheckpoints:
         )
 
     def _temp(self, name: str) -> Path:
+        """A fresh temporary directory; leftovers of runs killed mid-write are removed first."""
+        if self.root.is_dir():
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         return tmp
 

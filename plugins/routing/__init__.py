@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from distill import BuildContext, NoOptions, PromptRow, RouterSpec, hookimpl
-from distill.config import teacher_key
-from distill.errors import ConfigError
+from distill.config import RunConfig, teacher_key
 
 __all__ = ["SingleRouter"]
 
@@ -18,14 +19,15 @@ class SingleRouter:
     def __init__(self, teacher: str) -> None:
         self.teacher = teacher
 
+    @staticmethod
+    def check(options: Any, config: RunConfig) -> list[str]:
+        if len(config.teachers) != 1:
+            return [f"router 'single' needs exactly one teacher, got {len(config.teachers)} @ router.name"]
+        return []
+
     @classmethod
     def build(cls, options: NoOptions, context: BuildContext) -> SingleRouter:
-        teachers = context.run_config.teachers
-        if len(teachers) != 1:
-            raise ConfigError(
-                [f"router 'single' needs exactly one teacher, got {len(teachers)} @ router.name"]
-            )
-        return cls(teacher_key(teachers[0], 0))
+        return cls(teacher_key(context.run_config.teachers[0], 0))
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         return (self.teacher,)
@@ -38,5 +40,6 @@ def distill_routers() -> list[RouterSpec]:
             name="single",
             summary="Every row is scored by the one configured teacher.",
             factory=SingleRouter.build,
+            check=SingleRouter.check,
         )
     ]

@@ -177,3 +177,36 @@ def test_load_config_reports_missing_file_and_bad_toml(tmp_path, manager):
     (tmp_path / "bad.toml").write_text("[student\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml", manager)
+
+
+def test_component_checks_run_at_config_time(manager):
+    raw = _raw()
+    raw["teachers"].append({"backend": "hf", "model": "t"})
+    raw["teachers"].append({"backend": "hf", "model": "u"})
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == [
+        "teacher name 't' is already used by teachers[0]; give one of them a distinct `name` @ teachers[1]",
+    ]
+    raw["teachers"][1]["name"] = "t2"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == ["router 'single' needs exactly one teacher, got 3 @ router.name"]
+
+
+def test_source_is_not_a_config_key(manager):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**_raw(), "source": "x"}, manager)
+    assert err.value.problems == ["unknown key(s) 'source' @ (top level)"]
+
+
+def test_a_plugin_conflict_is_reported_once_not_per_section(manager):
+    from distill.errors import ComponentConflictError
+    from distill.plugins import losses
+
+    class Again:
+        distill_losses = staticmethod(losses.distill_losses)
+
+    manager.register(Again(), name="losses_again")
+    with pytest.raises(ComponentConflictError, match="loss 'sampled_reverse_kl' is registered twice"):
+        parse_config(_raw(), manager)
