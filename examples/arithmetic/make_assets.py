@@ -1,6 +1,6 @@
 """Build the shipped assets of the 2-digit addition demo, reproducibly.
 
-Run from the repository root (takes a few minutes on 2 CPU cores, no network, no GPU):
+Run from the repository root (about a minute on 2 idle CPU cores; no network, no GPU):
 
     python examples/arithmetic/make_assets.py            # torch's default thread count
     OMP_NUM_THREADS=1 python examples/arithmetic/make_assets.py
@@ -13,8 +13,8 @@ It (re)writes, next to this file:
   "expected_answer": "81"}``; operands are 10..99. No eval pair appears in training data, in
   either operand order.
 * ``teacher/`` - a tiny Qwen3ForCausalLM (2 layers, hidden 128) trained by supervised
-  fine-tuning on every 2-digit problem that is not held out; reaches >= 95% greedy exact match on
-  eval.
+  fine-tuning on every 2-digit problem that is not held out; 100% greedy exact match on eval
+  (>= 95% is asserted).
 * ``student/`` - the same architecture from a different random init, trained only briefly on
   ``train.jsonl``: it has learnt the output format ``Answer: N<|endoftext|>`` but not the
   arithmetic (<= 40% on eval), which leaves room for on-policy distillation from the teacher.
@@ -28,8 +28,8 @@ tokens, so a completion (``Answer: 198<|endoftext|>``) is at most 7 tokens. Digi
 Chat format (no BOS): ``<|user|>What is 23+58?<|end|><|assistant|>`` then the completion
 ``Answer: 81<|endoftext|>``; earlier assistant turns render as ``<|assistant|>TEXT<|end|>``.
 
-Everything is seeded, so a rerun with the same thread count rewrites identical files and prints
-the same accuracies (float summation order can differ between thread counts).
+Everything is seeded: reruns rewrite byte-identical files (checked with 1 and 2 threads on
+torch 2.13 CPU; another BLAS build may round differently and shift the accuracies slightly).
 """
 
 import argparse
@@ -49,6 +49,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen3Config,
 )
+from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
 DATA_SEED = 0
@@ -56,6 +57,9 @@ TEACHER_SEED = 1
 STUDENT_SEED = 2
 N_EVAL = 200
 N_TRAIN = 4000
+# The student stops training once it answers this share of the first rows of train.jsonl.
+STUDENT_STOP_ACCURACY = 0.25
+STUDENT_PROBE_ROWS = 400
 MAX_NEW_TOKENS = 8
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 
@@ -182,8 +186,10 @@ def new_model(tok, seed: int):
     return model
 
 
-def train(model, tensors, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int) -> None:
-    """AdamW with linear warmup and cosine decay to zero, sampling batches epoch by epoch."""
+def train(model, tensors, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int,
+          stop=None, check_every: int = 5) -> None:
+    """AdamW with linear warmup and cosine decay to zero over `steps`, sampling batches epoch by
+    epoch. If given, `stop(model)` is asked every `check_every` steps whether to end early."""
     input_ids, attention_mask, labels = tensors
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -205,6 +211,12 @@ def train(model, tensors, *, steps: int, batch_size: int, lr: float, warmup: int
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"  step {step:4d}  loss {loss.item():.4f}", flush=True)
+        if stop is not None and (step + 1) % check_every == 0:
+            model.eval()
+            if stop(model):
+                print(f"  stopped after {step + 1} steps", flush=True)
+                return
+            model.train()
     model.eval()
 
 
@@ -234,7 +246,8 @@ def check_tokenizer(tok) -> None:
     for text in ["What is 23+58?", "Answer: 81", "Answer: 198"]:
         ids = tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text, text
-        assert all(len(tok.decode([i])) == 1 for i in ids if tok.decode([i]).isdigit()), text
+        tokens = tok.convert_ids_to_tokens(ids)
+        assert all(len(t) == 1 for t in tokens if any(c.isdigit() for c in t)), tokens
     expected = tok.encode("<|user|>What is 23+58?<|end|><|assistant|>", add_special_tokens=False)
     assert prompt_ids(tok, [{"role": "user", "content": "What is 23+58?"}]) == expected
     assert tok.bos_token_id is None
@@ -248,6 +261,7 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    hf_logging.disable_progress_bar()
 
     tok = build_tokenizer()
     check_tokenizer(tok)
@@ -263,12 +277,15 @@ def main() -> None:
     train(teacher, sft_tensors(tok, [make_row(a, b) for a, b in teacher_pairs]),
           steps=600, batch_size=128, lr=3e-3, warmup=50, seed=TEACHER_SEED)
 
-    # A short run with the same recipe: the format is learnt within a few dozen steps, the
-    # arithmetic much later.
+    # The format is learnt within a few dozen steps and the arithmetic later, in a sudden jump
+    # whose timing depends on the seed: 300 steps gave 6% to 90% on eval across seeds. Stopping
+    # on accuracy over a slice of the training set left 20-32% on eval for each of 8 seeds.
     print(f"student: brief SFT on {len(train_rows)} problems", flush=True)
     student = new_model(tok, STUDENT_SEED)
+    probe_rows = train_rows[:STUDENT_PROBE_ROWS]
     train(student, sft_tensors(tok, train_rows),
-          steps=STUDENT_STEPS, batch_size=64, lr=3e-3, warmup=20, seed=STUDENT_SEED)
+          steps=600, batch_size=64, lr=1e-3, warmup=20, seed=STUDENT_SEED,
+          stop=lambda model: evaluate(model, tok, probe_rows)[0] >= STUDENT_STOP_ACCURACY)
 
     for name, model in [("teacher", teacher), ("student", student)]:
         model.save_pretrained(HERE / name)
