@@ -20,6 +20,7 @@ from distill.types import (
     ScoreRequest,
     TeacherScores,
     TeacherSpec,
+    WeightedScores,
 )
 
 __version__ = "0.1.0"
@@ -42,4 +43,5 @@ __all__ = [
     "ScoreRequest",
     "TeacherScores",
     "TeacherSpec",
+    "WeightedScores",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "SamplerConfig",
     "TeacherConfig",
     "RouterConfig",
+    "BlenderConfig",
     "LossConfig",
     "CheckpointConfig",
     "MetricsConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "display_config",
     "resolve_path",
     "teacher_key",
+    "route_value",
     "positive",
     "non_negative",
     "finite",
@@ -161,6 +163,7 @@ class SamplerConfig:
 class TeacherConfig:
     backend: str = "hf"
     name: str | None = None
+    tokenizer: str | None = None
     route_value: str | None = None
     teacher_messages_key: str = "teacher_messages"
     blend_weight: float = _field(1.0, finite, non_negative)
@@ -169,7 +172,13 @@ class TeacherConfig:
 
 @attrs.frozen(kw_only=True)
 class RouterConfig:
-    name: str = "single"
+    name: str = "auto"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class BlenderConfig:
+    name: str = "probability_union"
     options: Any = None
 
 
@@ -208,6 +217,7 @@ class RunConfig:
     eval: EvalConfig = attrs.field(factory=EvalConfig)
     sampler: SamplerConfig = attrs.field(factory=SamplerConfig)
     router: RouterConfig = attrs.field(factory=RouterConfig)
+    blender: BlenderConfig = attrs.field(factory=BlenderConfig)
     loss: LossConfig = attrs.field(factory=LossConfig)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
@@ -223,10 +233,11 @@ class RunConfig:
 _COMPONENT_SECTIONS = {
     "sampler": ({"backend"}, "sampler", "backend"),
     "router": ({"name"}, "router", "name"),
+    "blender": ({"name"}, "blender", "name"),
     "loss": ({"name", "kernel", "normalize"}, "loss", "name"),
     "checkpoint": ({"backend", "every_steps"}, "checkpoint_backend", "backend"),
 }
-_TEACHER_COMMON = {"backend", "name", "route_value", "teacher_messages_key", "blend_weight"}
+_TEACHER_COMMON = {"backend", "name", "tokenizer", "route_value", "teacher_messages_key", "blend_weight"}
 
 
 # -- the converter ------------------------------------------------------------------------------
@@ -337,6 +348,7 @@ def parse_config(
 ) -> RunConfig:
     """Build a :class:`RunConfig` from a parsed TOML mapping, or raise :class:`ConfigError`."""
     raw = dict(raw)
+    _resolve_auto_router(raw, manager)
     deferred: list[tuple[str, str, str, dict[str, Any], Any]] = []  # path, kind, name, options
     for section, (common, kind, key) in _COMPONENT_SECTIONS.items():
         head, rest = _split(raw.get(section, {}), common)
@@ -393,6 +405,7 @@ def parse_config(
         problems.append(f"options given for sink '{extra}' which is not in metrics.sinks @ metrics.{extra}")
     problems.extend(_check_top_k(config, options, manager))
     problems.extend(_check_teacher_names(config, options))
+    problems.extend(_check_multi_teacher(config, manager))
     if problems:
         raise ConfigError(problems, source)
 
@@ -400,6 +413,7 @@ def parse_config(
         config,
         sampler=attrs.evolve(config.sampler, options=options["sampler"]),
         router=attrs.evolve(config.router, options=options["router"]),
+        blender=attrs.evolve(config.blender, options=options["blender"]),
         loss=attrs.evolve(config.loss, options=options["loss"]),
         checkpoint=attrs.evolve(config.checkpoint, options=options["checkpoint"]),
         teachers=tuple(
@@ -414,6 +428,23 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def _resolve_auto_router(raw: dict[str, Any], manager: PluginManager) -> None:
+    """``router = "auto"``: one teacher -> single; several -> all (blend) for a top-K loss, else routed."""
+    router = raw.get("router", {})
+    loss = raw.get("loss", {})
+    if not isinstance(router, dict) or router.get("name", "auto") != "auto" or not isinstance(loss, dict):
+        return
+    teachers = raw.get("teachers", [])
+    if not isinstance(teachers, list) or len(teachers) <= 1:
+        raw["router"] = {**router, "name": "single"}
+        return
+    try:
+        signal = manager.get("loss", loss.get("name", LossConfig().name)).teacher_signal
+    except UnknownComponentError:
+        signal = "logprobs"  # the unknown loss is reported with its path later
+    raw["router"] = {**router, "name": "all" if signal == "topk" else "routed"}
 
 
 def _check_top_k(config: RunConfig, options: dict[str, Any], manager: PluginManager) -> list[str]:
@@ -450,6 +481,22 @@ def _check_teacher_names(config: RunConfig, options: dict[str, Any]) -> list[str
             )
         seen.setdefault(name, index)
     return problems
+
+
+def _check_multi_teacher(config: RunConfig, manager: PluginManager) -> list[str]:
+    """A router that sends a row to several teachers needs a loss whose targets can be blended."""
+    try:
+        router = manager.get("router", config.router.name)
+        loss = manager.get("loss", config.loss.name)
+    except UnknownComponentError:
+        return []  # reported with its path already
+    if router.multi_teacher and loss.teacher_signal != "topk":
+        return [
+            f"router '{router.name}' has several teachers score each row, which needs a top-K loss "
+            f"to blend them (e.g. topk_forward_kl); loss '{loss.name}' trains on one teacher's "
+            f"logprobs: use router 'routed' @ router.name"
+        ]
+    return []
 
 
 def _parse_value(text: str) -> Any:
@@ -542,6 +589,11 @@ def display_config(config: RunConfig) -> dict[str, Any]:
 
 
 def teacher_key(teacher: TeacherConfig, index: int) -> str:
-    """How a teacher is named in routes and metrics: name, else route_value, else its model."""
+    """How a teacher is named in metrics: name, else route_value, else its model."""
+    return teacher.name or route_value(teacher, index)
+
+
+def route_value(teacher: TeacherConfig, index: int) -> str:
+    """The value of a row's route field that selects this teacher: route_value, else its model."""
     model = getattr(teacher.options, "model", None)
-    return teacher.name or teacher.route_value or model or f"teachers[{index}]"
+    return teacher.route_value or model or f"teachers[{index}]"

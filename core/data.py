@@ -1,9 +1,10 @@
 """The dataset contract: JSONL rows in, validated :class:`PromptRow` objects out.
 
-A row needs ``messages`` (OpenAI chat format). Optional: ``teacher`` (route value),
-``teacher_messages`` (the teacher's own prompt; fallbacks ``privileged_messages``,
-``teacher_prompt_messages``, then ``messages``) and ``expected_answer``. Any other field is kept as
-metadata. A bad row is skipped and counted under a reason, never a crash deep inside a step.
+A row needs ``messages`` (OpenAI chat format). Optional: ``teacher_messages`` (the teacher's own
+prompt; fallbacks ``privileged_messages``, ``teacher_prompt_messages``, then ``messages``),
+``expected_answer``, and ``teacher`` (the route value, read by the router). Every field other than
+the messages and the answer is kept as metadata. A bad row is skipped and counted under a reason,
+never a crash deep inside a step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ __all__ = [
 ]
 
 TEACHER_MESSAGES_FALLBACKS = ("teacher_messages", "privileged_messages", "teacher_prompt_messages")
-_CONTRACT_FIELDS = {"messages", "teacher", "expected_answer", *TEACHER_MESSAGES_FALLBACKS}
 
 
 class _Skip(Exception):
@@ -74,8 +74,7 @@ def _parse_row(
     tokenizer: Any,
     *,
     max_prompt_tokens: int | None,
-    teacher_messages_key: str,
-    route_key: str,
+    teacher_messages_keys: Sequence[str],
 ) -> PromptRow:
     try:
         row = json.loads(line)
@@ -87,15 +86,13 @@ def _parse_row(
         raise _Skip("missing_messages")
     messages = _check_messages(row["messages"], "messages")
 
-    teacher_messages = messages
-    for key in dict.fromkeys((teacher_messages_key, *TEACHER_MESSAGES_FALLBACKS)):
-        if key in row and row[key] is not None:
-            teacher_messages = _check_messages(row[key], key)
-            break
+    teacher_messages: dict[str, tuple[dict[str, Any], ...]] = {}
+    for wanted in teacher_messages_keys:
+        for key in dict.fromkeys((wanted, *TEACHER_MESSAGES_FALLBACKS)):
+            if row.get(key) is not None:
+                teacher_messages[wanted] = _check_messages(row[key], key)
+                break
 
-    route = row.get(route_key)
-    if route is not None and not isinstance(route, str):
-        raise _Skip(f"wrong_type:{route_key}")
     answer = row.get("expected_answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
@@ -104,24 +101,21 @@ def _parse_row(
 
     try:
         prompt_ids = render_prompt(tokenizer, messages)
-        teacher_prompt_ids = (
-            prompt_ids if teacher_messages is messages else render_prompt(tokenizer, teacher_messages)
-        )
+        teacher_prompts = {key: render_prompt(tokenizer, view) for key, view in teacher_messages.items()}
     except Exception:  # a template that raises on this row's content
         raise _Skip("template_error") from None
-    if max_prompt_tokens is not None and max(len(prompt_ids), len(teacher_prompt_ids)) > max_prompt_tokens:
+    longest = max([len(prompt_ids), *(len(ids) for ids in teacher_prompts.values())])
+    if max_prompt_tokens is not None and longest > max_prompt_tokens:
         raise _Skip("prompt_too_long")
 
-    metadata = {k: v for k, v in row.items() if k not in _CONTRACT_FIELDS and k != route_key}
+    contract = {"messages", "expected_answer", *TEACHER_MESSAGES_FALLBACKS, *teacher_messages_keys}
     return PromptRow(
         index=index,
         messages=messages,
-        teacher_messages=teacher_messages,
         prompt_ids=prompt_ids,
-        teacher_prompt_ids=teacher_prompt_ids,
-        route=route,
+        teacher_prompts=teacher_prompts,
         expected_answer=answer,
-        metadata=metadata,
+        metadata={k: v for k, v in row.items() if k not in contract},
     )
 
 
@@ -130,10 +124,14 @@ def load_dataset(
     tokenizer: Any,
     *,
     max_prompt_tokens: int | None = None,
-    teacher_messages_key: str = "teacher_messages",
-    route_key: str = "teacher",
+    teacher_messages_keys: Sequence[str] = ("teacher_messages",),
 ) -> Dataset:
-    """Read a JSONL file; raise :class:`DataError` if it is missing or has no usable row."""
+    """Read a JSONL file; raise :class:`DataError` if it is missing or has no usable row.
+
+    A teacher prompt is rendered for each of ``teacher_messages_keys``: the row's field of that
+    name, else the first of ``teacher_messages``, ``privileged_messages``,
+    ``teacher_prompt_messages`` present, else the student's own prompt.
+    """
     path = Path(path)
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(
@@ -160,8 +158,7 @@ def load_dataset(
                     number,
                     tokenizer,
                     max_prompt_tokens=max_prompt_tokens,
-                    teacher_messages_key=teacher_messages_key,
-                    route_key=route_key,
+                    teacher_messages_keys=teacher_messages_keys,
                 )
             )
         except _Skip as skip:

@@ -10,7 +10,6 @@ __all__ = [
     "ComponentConflictError",
     "UnknownComponentError",
     "DataError",
-    "TokenizerMismatchError",
     "CheckpointError",
 ]
 
@@ -48,10 +47,6 @@ class UnknownComponentError(PluginError):
 
 class DataError(DistillError):
     """The dataset cannot feed a run (missing file, or no usable row)."""
-
-
-class TokenizerMismatchError(DistillError):
-    """Student and teacher do not share a vocabulary, so their logprobs cannot be compared."""
 
 
 class CheckpointError(DistillError):

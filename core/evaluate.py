@@ -1,9 +1,14 @@
-"""Held-out evaluation: greedy exact-match accuracy and the sampled per-token reverse KL."""
+"""Held-out evaluation: greedy exact-match accuracy and the sampled per-token reverse KL.
+
+Both are reported overall and per route (the value of the row's route field), so a multi-teacher
+run shows what the student learned from each teacher.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,9 +16,11 @@ import torch
 from distill.config import RunConfig
 from distill.types import PromptRow, SamplingParams
 
-__all__ = ["extract_answer", "accuracy", "evaluate", "EVAL_SEED_OFFSET"]
+__all__ = ["extract_answer", "grade", "accuracy", "evaluate", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 7_919  # eval sampling has its own seed: evaluating never moves training RNG
+
+RouteOf = Callable[[PromptRow], str | None]
 
 
 def extract_answer(text: str, pattern: str | None) -> str | None:
@@ -26,33 +33,37 @@ def extract_answer(text: str, pattern: str | None) -> str | None:
     return (match.group(1) if match.groups() else match.group(0)).strip()
 
 
-async def accuracy(
+def _max_new_tokens(config: RunConfig) -> int:
+    return config.eval.max_new_tokens or config.sampling.max_new_tokens
+
+
+async def grade(
     generator: Any,
     rows: Sequence[PromptRow],
     tokenizer: Any,
     config: RunConfig,
     *,
-    teacher_prompts: bool = False,
-) -> float | None:
-    """Greedy exact-match accuracy of ``generator.complete`` on rows that carry an expected answer.
+    teacher_prompt_key: str | None = None,
+) -> list[tuple[PromptRow, bool]]:
+    """Greedy exact match of ``generator.complete`` on the rows that carry an expected answer.
 
-    ``teacher_prompts`` grades a teacher on the prompt it sees in training (its privileged one).
+    With ``teacher_prompt_key`` a teacher is graded on the prompt it sees in training (its
+    privileged view of the row).
     """
     graded = [row for row in rows if row.expected_answer is not None]
     if not graded:
-        return None
-    prompts = [row.teacher_prompt_ids if teacher_prompts else row.prompt_ids for row in graded]
+        return []
+    prompts = [row.teacher_prompt_ids(teacher_prompt_key) if teacher_prompt_key else row.prompt_ids for row in graded]
     completions = await generator.complete(prompts, max_new_tokens=_max_new_tokens(config))
-    correct = sum(
-        extract_answer(tokenizer.decode(ids, skip_special_tokens=True), config.eval.answer_pattern)
-        == row.expected_answer.strip()
+    return [
+        (row, extract_answer(tokenizer.decode(ids, skip_special_tokens=True), config.eval.answer_pattern)
+         == row.expected_answer.strip())
         for row, ids in zip(graded, completions, strict=True)
-    )
-    return correct / len(graded)
+    ]
 
 
-def _max_new_tokens(config: RunConfig) -> int:
-    return config.eval.max_new_tokens or config.sampling.max_new_tokens
+def accuracy(results: Sequence[tuple[PromptRow, bool]]) -> float | None:
+    return sum(ok for _, ok in results) / len(results) if results else None
 
 
 async def evaluate(
@@ -61,14 +72,15 @@ async def evaluate(
     rows: Sequence[PromptRow],
     tokenizer: Any,
     config: RunConfig,
-) -> dict[str, float | None]:
-    """Student accuracy (greedy) and mean per-token reverse KL to the teacher on sampled completions.
+    route_of: RouteOf,
+) -> dict[str, Any]:
+    """Student accuracy (greedy) and mean per-token reverse KL to its teacher(s), overall and per route.
 
-    ``score(rollouts)`` routes and scores like training does and returns (rollouts, scores). The
+    ``score(rollouts)`` routes and scores like training does and returns (rollouts, targets). The
     reverse KL estimate is the mean of ``log π_student(y_t) − log π_teacher(y_t)`` over tokens
     sampled from the student with the run's sampling settings and a fixed seed.
     """
-    result: dict[str, float | None] = {"accuracy": await accuracy(sampler, rows, tokenizer, config)}
+    graded = await grade(sampler, rows, tokenizer, config)
     params = SamplingParams(
         max_new_tokens=_max_new_tokens(config),
         temperature=config.sampling.temperature,
@@ -77,12 +89,24 @@ async def evaluate(
         n=1,
     )
     rollouts = await sampler.sample(rows, params, seed=config.seed + EVAL_SEED_OFFSET)
-    kept, scores = await score(rollouts)
-    if kept:
-        student = torch.cat([r.model_logprobs_C for r in kept])
-        teacher = torch.cat([s.logprobs_C for s in scores])
-        result["reverse_kl"] = float((student - teacher).mean())
-    else:
-        result["reverse_kl"] = None
-    return result
+    kept, targets = await score(rollouts)
+    gaps = [(r.row, r.model_logprobs_C - t.logprobs_C) for r, t in zip(kept, targets, strict=True)]
 
+    def kl(selected: list[torch.Tensor]) -> float | None:
+        return float(torch.cat(selected).mean()) if selected else None
+
+    result: dict[str, Any] = {"accuracy": accuracy(graded), "reverse_kl": kl([g for _, g in gaps])}
+    routes: dict[str, dict[str, list]] = defaultdict(lambda: {"graded": [], "gaps": []})
+    for row, ok in graded:
+        if (route := route_of(row)) is not None:
+            routes[route]["graded"].append((row, ok))
+    for row, gap in gaps:
+        if (route := route_of(row)) is not None:
+            routes[route]["gaps"].append(gap)
+    if routes:
+        result["per_route"] = {
+            route: {"accuracy": accuracy(parts["graded"]), "reverse_kl": kl(parts["gaps"]),
+                    "rows": len(parts["graded"])}
+            for route, parts in sorted(routes.items())
+        }
+    return result

@@ -24,14 +24,15 @@ import structlog
 import torch
 
 from distill.align import build_token_batch
-from distill.config import RunConfig, converter, display_config, resolve_path, teacher_key
+from distill.config import RunConfig, converter, display_config, resolve_path, route_value, teacher_key
 from distill.data import DataCursor, Dataset, load_dataset
-from distill.errors import CheckpointError, DistillError, TokenizerMismatchError
-from distill.evaluate import accuracy, evaluate
+from distill.errors import CheckpointError, ConfigError, DistillError
+from distill.evaluate import accuracy, evaluate, grade
 from distill.manager import PluginManager
 from distill.protocols import SkipRow
+from distill.scoring import TeacherBook, TeacherPool
 from distill.trainer import Trainer
-from distill.types import BuildContext, Rollout, RunInfo, SamplingParams, ScoreRequest, TeacherScores
+from distill.types import BuildContext, PromptRow, Rollout, RunInfo, SamplingParams, TeacherScores
 
 __all__ = ["run", "RunInterrupted", "Resume"]
 
@@ -107,8 +108,7 @@ class _Components:
     tokenizer: Any
     trainer: Trainer
     sampler: Any
-    teachers: dict[str, Any]
-    router: Any
+    pool: TeacherPool
     checkpoints: Any
     sinks: list[Any]
 
@@ -123,18 +123,19 @@ def _load_student(config: RunConfig, path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _check_vocabulary(student_tokenizer: Any, name: str, teacher: Any) -> None:
-    theirs = teacher.vocabulary()
+def _vocabulary_problem(student_tokenizer: Any, name: str, theirs: Any, path: str) -> list[str]:
+    """A teacher must share the student's vocabulary: logprobs are compared token by token."""
     if theirs is None:
-        return
+        return []
     ours = student_tokenizer.get_vocab()
-    if dict(theirs) != ours:
-        differing = sorted(set(ours.items()) ^ set(dict(theirs).items()))[:5]
-        raise TokenizerMismatchError(
-            f"Teacher '{name}' does not share the student's vocabulary ({len(theirs)} vs "
-            f"{len(ours)} tokens; first differences: {differing}). On-policy distillation compares "
-            f"logprobs token by token, so both must use the same tokenizer."
-        )
+    if dict(theirs) == ours:
+        return []
+    differing = sorted(set(ours.items()) ^ set(dict(theirs).items()))[:5]
+    return [
+        f"teacher '{name}' does not share the student's vocabulary ({len(theirs)} vs {len(ours)} "
+        f"tokens; first differences: {differing}); on-policy distillation compares logprobs token "
+        f"by token, so both must use the same tokenizer @ {path}"
+    ]
 
 
 def _build(
@@ -157,16 +158,35 @@ def _build(
     )
     teachers: dict[str, Any] = {}
     shared: dict[str, Any] = {}  # teachers with the same backend and options share one instance
+    problems: list[str] = []
     for index, teacher in enumerate(config.teachers):
         spec = manager.get("teacher", teacher.backend)
         identity = json.dumps([spec.name, converter.unstructure(teacher.options)], sort_keys=True, default=str)
         if identity not in shared:
             shared[identity] = spec.factory(teacher.options, context)
         name = teacher_key(teacher, index)
-        _check_vocabulary(tokenizer, name, shared[identity])
         teachers[name] = shared[identity]
+        problems += _vocabulary_problem(tokenizer, name, teachers[name].vocabulary(), f"teachers[{index}]")
+        if teacher.tokenizer:
+            from transformers import AutoTokenizer
+
+            declared = AutoTokenizer.from_pretrained(resolve_path(teacher.tokenizer, config)).get_vocab()
+            problems += _vocabulary_problem(tokenizer, name, declared, f"teachers[{index}].tokenizer")
+    if problems:
+        raise ConfigError(problems, config.source)
     sampler = manager.get("sampler", config.sampler.backend).factory(config.sampler.options, context)
-    router = manager.get("router", config.router.name).factory(config.router.options, context)
+    router_spec = manager.get("router", config.router.name)
+    blender = None
+    if router_spec.multi_teacher:
+        blender = manager.get("blender", config.blender.name).factory(config.blender.options, context)
+    pool = TeacherPool(
+        teachers=teachers,
+        prompt_keys={teacher_key(t, i): t.teacher_messages_key for i, t in enumerate(config.teachers)},
+        weights={teacher_key(t, i): t.blend_weight for i, t in enumerate(config.teachers)},
+        router=router_spec.factory(config.router.options, context),
+        blender=blender,
+        top_k=objective.top_k,
+    )
     checkpoints = manager.get("checkpoint_backend", config.checkpoint.backend).factory(
         config.checkpoint.options, context
     )
@@ -174,47 +194,8 @@ def _build(
         manager.get("metric_sink", name).factory(config.metrics.options[name], context)
         for name in config.metrics.sinks
     ]
-    log.info("components", loss=loss_spec.name, kernel=kernel.name, teachers=sorted(teachers))
-    return _Components(tokenizer, Trainer(model, config, objective, kernel), sampler, teachers, router, checkpoints, sinks)
-
-
-async def _route_and_score(
-    rollouts: Sequence[Rollout], parts: _Components, top_k: int, skipped: Counter[str]
-) -> tuple[list[Rollout], list[TeacherScores]]:
-    """Send each rollout to its row's teacher; teachers score concurrently. Skipped rows are counted."""
-    by_teacher: dict[str, list[int]] = {}
-    skipped_rows: set[int] = set()
-    for i, rollout in enumerate(rollouts):
-        try:
-            names = parts.router.route(rollout.row)
-        except SkipRow as skip:
-            if rollout.row.index not in skipped_rows:
-                skipped_rows.add(rollout.row.index)
-                skipped[skip.reason] += 1
-            continue
-        if len(names) != 1:
-            raise DistillError(
-                f"router '{type(parts.router).__name__}' sent a row to {len(names)} teachers; "
-                f"scoring one row with several teachers needs a blending loss."
-            )
-        by_teacher.setdefault(names[0], []).append(i)
-
-    async def score(name: str, indices: list[int]) -> list[TeacherScores]:
-        requests = [
-            ScoreRequest(
-                prompt_ids=rollouts[i].row.teacher_prompt_ids,
-                completion_ids=tuple(rollouts[i].completion_ids_C.tolist()),
-            )
-            for i in indices
-        ]
-        return await parts.teachers[name].score(requests, top_k=top_k)
-
-    results = await asyncio.gather(*(score(name, idx) for name, idx in by_teacher.items()))
-    scored: dict[int, TeacherScores] = {}
-    for indices, scores in zip(by_teacher.values(), results, strict=True):
-        scored.update(zip(indices, scores, strict=True))
-    order = sorted(scored)
-    return [rollouts[i] for i in order], [scored[i] for i in order]
+    log.info("components", loss=loss_spec.name, kernel=kernel.name, router=router_spec.name, teachers=sorted(teachers))
+    return _Components(tokenizer, Trainer(model, config, objective, kernel), sampler, pool, checkpoints, sinks)
 
 
 def _rollout_metrics(rollouts: Sequence[Rollout], scores: Sequence[TeacherScores]) -> dict[str, float]:
@@ -270,10 +251,13 @@ class _Run:
         if max_context:
             room = max_context - max(config.sampling.max_new_tokens, config.eval.max_new_tokens or 0)
             limit = room if limit is None else min(limit, room)
-        self.train_data = load_dataset(resolve_path(config.data.train, config), tokenizer, max_prompt_tokens=limit)
+        views = sorted({t.teacher_messages_key for t in config.teachers})
+        self.train_data = load_dataset(resolve_path(config.data.train, config), tokenizer,
+                                       max_prompt_tokens=limit, teacher_messages_keys=views)
         self.eval_data: Dataset | None = None
         if config.data.eval:
-            self.eval_data = load_dataset(resolve_path(config.data.eval, config), tokenizer, max_prompt_tokens=limit)
+            self.eval_data = load_dataset(resolve_path(config.data.eval, config), tokenizer,
+                                          max_prompt_tokens=limit, teacher_messages_keys=views)
         self.eval_rows = self.eval_data.rows[: config.eval.limit] if self.eval_data else ()
         for dataset in filter(None, (self.train_data, self.eval_data)):
             if dataset.skipped:
@@ -300,36 +284,59 @@ class _Run:
         self.skipped = Counter(self.state["skipped"])
         self.clock = _Clock(self.state["times"])
         self.wall_before = self.state["wall_time_s"]
+        self.parts.pool.totals = {n: TeacherBook(**b) for n, b in self.state.get("teachers", {}).items()}
         for sink in self.parts.sinks:
             sink.resume_at(self.state["step"])
 
     # -- the recipe -----------------------------------------------------------------------------
 
-    async def score(
-        self, rollouts: Sequence[Rollout], skipped: Counter[str] | None = None
-    ) -> tuple[list[Rollout], list[TeacherScores]]:
-        top_k = self.parts.trainer.objective.top_k
-        return await _route_and_score(rollouts, self.parts, top_k, Counter() if skipped is None else skipped)
+    def route_of(self, row: PromptRow) -> str | None:
+        """The row's route value (its ``route_key`` field), for per-route reports."""
+        value = row.metadata.get(getattr(self.parts.pool.router, "route_key", "teacher"))
+        return value if isinstance(value, str) else None
+
+    async def _score_for_eval(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
+        kept, targets, _ = await self.parts.pool.score(rollouts, record=False)
+        return kept, targets
 
     async def evaluate(self, step: int) -> dict[str, Any]:
         with self.clock.phase("eval"):
-            result = await evaluate(self.parts.sampler, self.score, self.eval_rows, self.parts.tokenizer, self.config)
-        log.info("eval", step=step, **result)
+            result = await evaluate(self.parts.sampler, self._score_for_eval, self.eval_rows,
+                                    self.parts.tokenizer, self.config, self.route_of)
+        log.info("eval", step=step, accuracy=result["accuracy"], reverse_kl=result["reverse_kl"],
+                 per_route=result.get("per_route"))
         self.state["eval"].setdefault("history", []).append({"step": step, **result})
         return result
 
+    async def evaluate_teachers(self) -> None:
+        """Each teacher's accuracy on the eval rows routed to it, seeing its own prompt."""
+        pool, evaluation = self.parts.pool, self.state["eval"]
+        by_teacher: dict[str, list[PromptRow]] = {}
+        for row in self.eval_rows:
+            try:
+                names = pool.router.route(row)
+            except SkipRow:
+                continue
+            if len(names) == 1:
+                by_teacher.setdefault(names[0], []).append(row)
+        results: dict[str, float | None] = {}
+        for name, rows in by_teacher.items():
+            teacher = pool.teachers[name]
+            if hasattr(teacher, "complete"):
+                graded = await grade(teacher, rows, self.parts.tokenizer, self.config,
+                                     teacher_prompt_key=pool.prompt_keys[name])
+                results[name] = accuracy(graded)
+        if len(pool.teachers) == 1:
+            evaluation["teacher_accuracy"] = next(iter(results.values()), None)
+        evaluation["teacher_accuracy_by_teacher"] = results
+
     async def evaluate_before(self) -> None:
         """Teacher and student accuracy before training (once per run, kept across resumes)."""
-        evaluation = self.state["eval"]
-        if not self.eval_rows or "before" in evaluation or not self.config.eval.at_start:
+        if not self.eval_rows or "before" in self.state["eval"] or not self.config.eval.at_start:
             return
-        teacher = next(iter(self.parts.teachers.values()))
-        if len(self.parts.teachers) == 1 and hasattr(teacher, "complete"):
-            with self.clock.phase("eval"):
-                evaluation["teacher_accuracy"] = await accuracy(
-                    teacher, self.eval_rows, self.parts.tokenizer, self.config, teacher_prompts=True
-                )
-        evaluation["before"] = await self.evaluate(0)
+        with self.clock.phase("eval"):
+            await self.evaluate_teachers()
+        self.state["eval"]["before"] = await self.evaluate(0)
 
     async def train_step(self, step: int, params: SamplingParams) -> dict[str, Any] | None:
         """Sample, score, train on one step's rows; None when no row could be scored."""
@@ -338,7 +345,7 @@ class _Run:
         with clock.phase("sampling"):
             rollouts = await parts.sampler.sample(rows, params, seed=_step_seed(config.seed, step))
         with clock.phase("teacher_scoring"):
-            rollouts, scores = await self.score(rollouts, self.skipped)
+            rollouts, scores, books = await parts.pool.score(rollouts, self.skipped)
         if not rollouts:
             log.warning("no row of this step could be scored", step=step, skipped=dict(self.skipped))
             return None
@@ -352,6 +359,8 @@ class _Run:
             **train_metrics,
             **_rollout_metrics(rollouts, scores),
             "route_skips_total": sum(self.skipped.values()),
+            **{f"teacher/{name}/{key}": value for name, book in books.items()
+               for key, value in book.as_dict().items()},
             "time_sampling_s": clock.last["sampling"],
             "time_teacher_scoring_s": clock.last["teacher_scoring"],
             "time_training_s": clock.last["training"],
@@ -365,7 +374,8 @@ class _Run:
 
     def save(self, step: int) -> None:
         self.state.update(step=step, cursor=self.cursor.state_dict(), skipped=dict(self.skipped),
-                          times=self.clock.totals, wall_time_s=self.wall_time())
+                          times=self.clock.totals, wall_time_s=self.wall_time(),
+                          teachers={n: attrs.asdict(b) for n, b in self.parts.pool.totals.items()})
         with self.clock.phase("checkpoint"):
             uri = self.parts.checkpoints.save(
                 step, model=self.parts.trainer.model, tokenizer=self.parts.tokenizer,
@@ -422,6 +432,34 @@ class _Run:
         log.info("done", summary=str(self.output_dir / "summary.json"), final_model=final_uri)
         return summary
 
+    def per_route(self) -> dict[str, dict[str, Any]]:
+        """Held-out results per route value; with one teacher per route, that teacher's numbers too."""
+        evaluation, config = self.state["eval"], self.config
+        before = evaluation.get("before", {}).get("per_route", {})
+        after = evaluation.get("after", {}).get("per_route", {})
+        one_per_route = not self.manager.get("router", config.router.name).multi_teacher
+        teacher_of = {route_value(t, i): teacher_key(t, i) for i, t in enumerate(config.teachers)}
+        report = {}
+        for route in sorted(set(before) | set(after)):
+            entry = {
+                "eval_rows": (after.get(route) or before.get(route))["rows"],
+                "accuracy_before": before.get(route, {}).get("accuracy"),
+                "accuracy_after": after.get(route, {}).get("accuracy"),
+                "reverse_kl_before": before.get(route, {}).get("reverse_kl"),
+                "reverse_kl_after": after.get(route, {}).get("reverse_kl"),
+            }
+            teacher = teacher_of.get(route)
+            if one_per_route and teacher is not None:
+                book = self.parts.pool.totals.get(teacher, TeacherBook())
+                entry.update(
+                    teacher=teacher,
+                    teacher_accuracy=evaluation.get("teacher_accuracy_by_teacher", {}).get(teacher),
+                    rows_scored=book.rows,
+                    tokens_scored=book.tokens,
+                )
+            report[route] = entry
+        return report
+
     def summary(self, final_uri: str) -> dict[str, Any]:
         config, evaluation = self.config, self.state["eval"]
         before, after = evaluation.get("before", {}), evaluation.get("after", {})
@@ -441,11 +479,21 @@ class _Run:
             "student_accuracy_after": after.get("accuracy"),
             "reverse_kl_before": before.get("reverse_kl"),
             "reverse_kl_after": after.get("reverse_kl"),
+            "teachers": {name: book.as_dict() for name, book in sorted(self.parts.pool.totals.items())},
+            "per_route": self.per_route(),
             "eval_history": evaluation.get("history", []),
             "loss": config.loss.name,
             "loss_kernel": self.parts.trainer.kernel.name,
             "final_model": final_uri,
         }
+
+
+def _per_teacher_kl(metrics: dict[str, Any]) -> dict[str, str]:
+    return {
+        f"rkl[{key.split('/')[1]}]": f"{value:.3f}"
+        for key, value in metrics.items()
+        if key.startswith("teacher/") and key.endswith("/reverse_kl") and value is not None
+    }
 
 
 def _show(bar: Any, step: int, metrics: dict[str, Any]) -> None:
@@ -454,7 +502,8 @@ def _show(bar: Any, step: int, metrics: dict[str, Any]) -> None:
         log.info("step", step=step, loss=metrics["loss"], reverse_kl=metrics["reverse_kl"],
                  grad_norm=metrics["grad_norm"], tokens_per_s=metrics["tokens_per_s"])
     else:
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", rkl=f"{metrics['reverse_kl']:.4f}",
+        per_teacher = _per_teacher_kl(metrics) if sum(k.endswith("/reverse_kl") for k in metrics) > 1 else {}
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", rkl=f"{metrics['reverse_kl']:.4f}", **per_teacher,
                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
 
 

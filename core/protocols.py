@@ -15,13 +15,21 @@ if TYPE_CHECKING:
     import torch
 
     from distill.align import TokenBatch
-    from distill.types import PromptRow, Rollout, SamplingParams, ScoreRequest, TeacherScores
+    from distill.types import (
+        PromptRow,
+        Rollout,
+        SamplingParams,
+        ScoreRequest,
+        TeacherScores,
+        WeightedScores,
+    )
 
 __all__ = [
     "Sampler",
     "TeacherScorer",
     "Router",
     "SkipRow",
+    "Blender",
     "Objective",
     "LossKernel",
     "CheckpointBackend",
@@ -71,6 +79,14 @@ class Router(Protocol):
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         """Names of the teachers that score ``row``; raise :class:`SkipRow` to skip it."""
+
+
+@runtime_checkable
+class Blender(Protocol):
+    """Merges the top-K targets of several teachers for one completion into one."""
+
+    def blend(self, teachers: Sequence[WeightedScores], *, top_k: int, where: str = "") -> TeacherScores:
+        """One target with exactly ``top_k`` candidates per position; ``where`` names the row in errors."""
 
 
 @runtime_checkable

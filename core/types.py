@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -30,6 +30,7 @@ __all__ = [
     "TeacherScores",
     "TeacherSignal",
     "RunInfo",
+    "WeightedScores",
 ]
 
 TeacherSignal = Literal["logprobs", "topk"]
@@ -85,8 +86,9 @@ class TeacherSpec(ComponentSpec):
 
 @attrs.frozen(kw_only=True)
 class RouterSpec(ComponentSpec):
-    """Decides which teacher(s) score each row."""
+    """Decides which teacher(s) score each row; ``multi_teacher`` routers may name several."""
 
+    multi_teacher: bool = False
     kind: ClassVar[str] = "router"
 
 
@@ -140,16 +142,20 @@ class PromptRow:
     """A validated dataset row, with its prompts already rendered to token ids.
 
     ``index`` is the 1-based line number in the source file, so every message can point at it.
+    ``teacher_prompts`` holds, per ``teacher_messages_key``, the prompt a teacher reading that key
+    sees (privileged context); a key absent there means the teacher sees the student's prompt.
+    ``metadata`` keeps every other field of the row, the route field (``teacher``) included.
     """
 
     index: int
     messages: tuple[dict[str, Any], ...]
-    teacher_messages: tuple[dict[str, Any], ...]
     prompt_ids: tuple[int, ...]
-    teacher_prompt_ids: tuple[int, ...]
-    route: str | None = None
+    teacher_prompts: Mapping[str, tuple[int, ...]] = attrs.field(factory=dict)
     expected_answer: str | None = None
     metadata: dict[str, Any] = attrs.field(factory=dict)
+
+    def teacher_prompt_ids(self, key: str = "teacher_messages") -> tuple[int, ...]:
+        return self.teacher_prompts.get(key, self.prompt_ids)
 
 
 @attrs.frozen(kw_only=True)
@@ -198,6 +204,15 @@ class TeacherScores:
     logprobs_C: torch.Tensor
     topk_ids_C_K: torch.Tensor | None = None
     topk_logprobs_C_K: torch.Tensor | None = None
+
+
+@attrs.frozen
+class WeightedScores:
+    """One teacher's scores of one completion and the weight it carries in a blend."""
+
+    teacher: str
+    weight: float
+    scores: TeacherScores
 
 
 @attrs.frozen(kw_only=True)

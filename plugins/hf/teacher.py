@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,11 @@ class HFTeacher:
         return results
 
     async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores]:
+        """Scores in a worker thread (torch releases the GIL), so teachers score concurrently."""
         results: list[TeacherScores] = []
         for start in range(0, len(requests), self.batch_size):
-            results.extend(self._score_batch(requests[start : start + self.batch_size], top_k))
+            chunk = requests[start : start + self.batch_size]
+            results.extend(await asyncio.to_thread(self._score_batch, chunk, top_k))
         return results
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:

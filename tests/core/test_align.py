@@ -7,15 +7,13 @@ from distill.align import AlignmentError, build_token_batch, completion_position
 from distill.types import PromptRow, Rollout, TeacherScores
 
 
-def _row(prompt, teacher_prompt=None, index=1):
-    teacher_prompt = teacher_prompt or prompt
-    return PromptRow(index=index, messages=(), teacher_messages=(), prompt_ids=tuple(prompt),
-                     teacher_prompt_ids=tuple(teacher_prompt))
+def _row(prompt, index=1):
+    return PromptRow(index=index, messages=(), prompt_ids=tuple(prompt))
 
 
-def _rollout(prompt, completion, lps=None, teacher_prompt=None):
+def _rollout(prompt, completion, lps=None):
     lps = lps if lps is not None else [-0.5] * len(completion)
-    return Rollout(row=_row(prompt, teacher_prompt), completion_ids_C=torch.tensor(completion),
+    return Rollout(row=_row(prompt), completion_ids_C=torch.tensor(completion),
                    sampling_logprobs_C=torch.tensor(lps), model_logprobs_C=torch.tensor(lps) - 0.1,
                    finished=True)
 

@@ -189,6 +189,13 @@ def test_component_checks_run_at_config_time(manager):
         "teacher name 't' is already used by teachers[0]; give one of them a distinct `name` @ teachers[1]",
     ]
     raw["teachers"][1]["name"] = "t2"
+    with pytest.raises(ConfigError) as err:  # router "auto" picks "routed" for several teachers
+        parse_config(raw, manager)
+    assert err.value.problems == [
+        "route value 't' is already used by teachers[0]; each teacher needs its own route_value "
+        "@ teachers[1].route_value"
+    ]
+    raw["router"] = {"name": "single"}
     with pytest.raises(ConfigError) as err:
         parse_config(raw, manager)
     assert err.value.problems == ["router 'single' needs exactly one teacher, got 3 @ router.name"]

@@ -22,12 +22,11 @@ def test_good_row_fields_and_metadata(tmp_path, tokenizer):
     ])
     row = load_dataset(path, tokenizer).rows[0]
     assert row.index == 1
-    assert row.route == "math"
     assert row.expected_answer == "3"
-    assert row.metadata == {"source": "gsm8k", "id": 7}
+    assert row.metadata == {"teacher": "math", "source": "gsm8k", "id": 7}
     assert row.prompt_ids == render_prompt(tokenizer, USER)
     assert tokenizer.decode(row.prompt_ids) == "<|user|>What is 1+2?<|end|><|assistant|>"
-    assert row.teacher_prompt_ids == row.prompt_ids
+    assert row.teacher_prompt_ids() == row.prompt_ids
 
 
 @pytest.mark.parametrize("key", ["teacher_messages", "privileged_messages", "teacher_prompt_messages"])
@@ -35,15 +34,32 @@ def test_teacher_prompt_fallbacks(tmp_path, tokenizer, key):
     hint = [{"role": "system", "content": "hint: 3"}, *USER]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": USER, key: hint}])
     row = load_dataset(path, tokenizer).rows[0]
-    assert tokenizer.decode(row.teacher_prompt_ids) == "<|system|>hint: 3<|end|><|user|>What is 1+2?<|end|><|assistant|>"
-    assert row.teacher_messages == tuple(hint)
+    assert tokenizer.decode(row.teacher_prompt_ids()) == "<|system|>hint: 3<|end|><|user|>What is 1+2?<|end|><|assistant|>"
+    assert key not in row.metadata
 
 
 def test_teacher_messages_take_precedence_over_later_fallbacks(tmp_path, tokenizer):
     first = [{"role": "user", "content": "a"}]
     second = [{"role": "user", "content": "b"}]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": USER, "teacher_messages": first, "privileged_messages": second}])
-    assert load_dataset(path, tokenizer).rows[0].teacher_messages == tuple(first)
+    row = load_dataset(path, tokenizer).rows[0]
+    assert row.teacher_prompt_ids() == render_prompt(tokenizer, first)
+
+
+def test_each_teacher_key_gets_its_own_view_with_fallbacks(tmp_path, tokenizer):
+    hint = [{"role": "user", "content": "hint"}]
+    solution = [{"role": "user", "content": "solution"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": USER, "privileged_messages": hint, "solution_messages": solution},
+        {"messages": USER},
+    ])
+    keys = ("teacher_messages", "solution_messages", "messages")
+    first, second = load_dataset(path, tokenizer, teacher_messages_keys=keys).rows
+    assert first.teacher_prompt_ids("teacher_messages") == render_prompt(tokenizer, hint)  # fallback
+    assert first.teacher_prompt_ids("solution_messages") == render_prompt(tokenizer, solution)
+    assert first.teacher_prompt_ids("messages") == first.prompt_ids
+    assert "solution_messages" not in first.metadata
+    assert second.teacher_prompt_ids("solution_messages") == second.prompt_ids  # nothing to read: student view
 
 
 def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, tokenizer):
@@ -55,7 +71,7 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, tokenizer):
         {"messages": []},                                           # 5
         {"messages": [{"role": "user"}]},                           # 6
         {"messages": "hello"},                                      # 7
-        {"messages": USER, "teacher": 3},                           # 8
+        {"messages": USER, "expected_answer": True},                # 8
         {"messages": USER, "expected_answer": [1]},                 # 9
         {"messages": USER, "teacher_messages": [{"content": 1}]},   # 10
         {"messages": [{"role": "user", "content": "x" * 50}]},      # 11 too long
@@ -69,8 +85,7 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, tokenizer):
         "not_an_object": 1,
         "missing_messages": 1,
         "malformed_messages": 3,
-        "wrong_type:teacher": 1,
-        "wrong_type:expected_answer": 1,
+        "wrong_type:expected_answer": 2,
         "malformed_teacher_messages": 1,
         "prompt_too_long": 1,
     }

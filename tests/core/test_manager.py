@@ -119,7 +119,10 @@ def test_cli_plugins_lists_provenance_and_honours_disable(capsys):
 
 
 def test_kernel_dispatch_reference_is_the_fallback_and_can_be_forced():
-    manager = PluginManager()
+    from distill.plugins import losses
+
+    manager = PluginManager(load_entry_points=False)
+    manager.register(losses, name="losses")
     assert manager.select_loss_kernel(loss="sampled_reverse_kl", kernel="auto", device="cpu", dtype="float32").name == "reference"
 
     class Claims:

@@ -84,7 +84,7 @@ def test_eos_ends_and_flags_a_completion_and_max_tokens_truncates(model):
 
 
 def test_sampler_groups_n_completions_per_row(model, tokenizer):
-    rows = [PromptRow(index=i, messages=(), teacher_messages=(), prompt_ids=p, teacher_prompt_ids=p)
+    rows = [PromptRow(index=i, messages=(), prompt_ids=p)
             for i, p in enumerate(PROMPTS)]
     sampler = HFSampler(model, tokenizer, batch_size=4)  # chunks of 4 across rows
     rollouts = asyncio.run(sampler.sample(rows, SamplingParams(max_new_tokens=3, n=2), seed=1))

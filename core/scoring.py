@@ -1,0 +1,144 @@
+"""Teacher scoring for a step: route rows, score concurrently, blend, and keep per-teacher books.
+
+Each teacher sees its own prompt for a row (``teacher_messages_key``: privileged context) followed
+by exactly the student's completion tokens. Teachers score concurrently, so a slow one does not
+idle the others. Rows a router skips are counted by reason; rows sent to several teachers are
+blended into one top-K target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from distill.align import AlignmentError
+from distill.protocols import SkipRow
+from distill.types import Rollout, ScoreRequest, TeacherScores, WeightedScores
+
+__all__ = ["TeacherBook", "TeacherPool"]
+
+
+@attrs.define
+class TeacherBook:
+    """What one teacher did: rows and tokens scored, requests in flight, its reverse KL to the student."""
+
+    rows: int = 0
+    requests: int = 0
+    tokens: int = 0
+    reverse_kl_sum: float = 0.0
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def add(self, other: TeacherBook) -> None:
+        self.rows += other.rows
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.reverse_kl_sum += other.reverse_kl_sum
+        self.peak_in_flight = max(self.peak_in_flight, other.peak_in_flight)
+
+    @property
+    def reverse_kl(self) -> float | None:
+        return self.reverse_kl_sum / self.tokens if self.tokens else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_scored": self.rows, "requests": self.requests, "tokens_scored": self.tokens,
+                "reverse_kl": self.reverse_kl, "peak_in_flight": self.peak_in_flight}
+
+
+@attrs.define
+class TeacherPool:
+    """The run's teachers by name, how each reads a row, and how rows reach them."""
+
+    teachers: Mapping[str, Any]
+    prompt_keys: Mapping[str, str]
+    weights: Mapping[str, float]
+    router: Any
+    blender: Any
+    top_k: int
+    totals: dict[str, TeacherBook] = attrs.field(factory=dict)
+
+    async def _score_one_teacher(
+        self, name: str, rollouts: Sequence[Rollout], indices: list[int], book: TeacherBook
+    ) -> list[TeacherScores]:
+        requests = [
+            ScoreRequest(
+                prompt_ids=rollouts[i].row.teacher_prompt_ids(self.prompt_keys[name]),
+                completion_ids=tuple(rollouts[i].completion_ids_C.tolist()),
+            )
+            for i in indices
+        ]
+        book.in_flight += len(requests)
+        book.peak_in_flight = max(book.peak_in_flight, book.in_flight)
+        try:
+            results = await self.teachers[name].score(requests, top_k=self.top_k)
+        finally:
+            book.in_flight -= len(requests)
+        if len(results) != len(requests):
+            raise AlignmentError(f"teacher '{name}' returned {len(results)} scores for {len(requests)} requests")
+        for i, scores in zip(indices, results, strict=True):
+            rollout = rollouts[i]
+            if scores.logprobs_C.shape != rollout.completion_ids_C.shape:
+                raise AlignmentError(
+                    f"teacher '{name}' returned {tuple(scores.logprobs_C.shape)} logprobs for a completion "
+                    f"of {rollout.completion_ids_C.shape[0]} tokens (dataset line {rollout.row.index})"
+                )
+            book.reverse_kl_sum += float((rollout.model_logprobs_C - scores.logprobs_C).sum())
+        book.requests += len(requests)
+        book.rows += len({rollouts[i].row.index for i in indices})
+        book.tokens += sum(rollouts[i].completion_ids_C.shape[0] for i in indices)
+        return results
+
+    async def score(
+        self, rollouts: Sequence[Rollout], skipped: Counter[str] | None = None, *, record: bool = True
+    ) -> tuple[list[Rollout], list[TeacherScores], dict[str, TeacherBook]]:
+        """Route and score ``rollouts``; return the scored ones, their targets and this call's books.
+
+        A row the router skips is counted once in ``skipped`` (by reason) and dropped.
+        ``record`` adds the books to the run totals (evaluation does not).
+        """
+        skipped = Counter() if skipped is None else skipped
+        routed: dict[int, tuple[str, ...]] = {}
+        skipped_rows: set[int] = set()
+        for i, rollout in enumerate(rollouts):
+            try:
+                routed[i] = tuple(self.router.route(rollout.row))
+            except SkipRow as skip:
+                if rollout.row.index not in skipped_rows:
+                    skipped_rows.add(rollout.row.index)
+                    skipped[skip.reason] += 1
+        by_teacher: dict[str, list[int]] = {}
+        for i, names in routed.items():
+            for name in names:
+                by_teacher.setdefault(name, []).append(i)
+
+        books = {name: TeacherBook() for name in by_teacher}
+        results = await asyncio.gather(
+            *(self._score_one_teacher(name, rollouts, idx, books[name]) for name, idx in by_teacher.items())
+        )
+        per_rollout: dict[int, dict[str, TeacherScores]] = {i: {} for i in routed}
+        for (name, indices), scores in zip(by_teacher.items(), results, strict=True):
+            for i, score in zip(indices, scores, strict=True):
+                per_rollout[i][name] = score
+
+        kept, targets = [], []
+        for i in sorted(routed):
+            names = routed[i]
+            if len(names) == 1:
+                target = per_rollout[i][names[0]]
+            else:
+                target = self.blender.blend(
+                    [WeightedScores(name, self.weights[name], per_rollout[i][name]) for name in names],
+                    top_k=self.top_k,
+                    where=f"dataset line {rollouts[i].row.index}",
+                )
+            kept.append(rollouts[i])
+            targets.append(target)
+        if record:
+            for name, book in books.items():
+                self.totals.setdefault(name, TeacherBook()).add(book)
+        return kept, targets, books
