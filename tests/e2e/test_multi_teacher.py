@@ -97,3 +97,13 @@ def test_on_unknown_route_error_stops_the_run(tmp_path, tiny_models, second_teac
                          ["router.on_unknown_route='error'", "data.eval=''", "data.shuffle=false"])
     with pytest.raises(DistillError, match=r"Dataset line 21 has teacher = 'mul', which routes to no teacher"):
         run(config, manager, progress=False)
+
+
+def test_teachers_naming_the_same_model_share_one_instance(tmp_path, tiny_models, manager):
+    from distill.loop import _build
+
+    path = _config(tmp_path, tiny_models, tiny_models["teacher"])  # both entries name one model
+    config = load_config(path, manager)
+    parts = _build(config, manager, tmp_path / "out", str(tiny_models["student"]))
+    assert parts.pool.teachers["add"] is parts.pool.teachers["subtractor"]
+    assert parts.pool.prompt_keys == {"add": "teacher_messages", "subtractor": "sub_view"}
