@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import torch
 
 from distill.align import AlignmentError
 from distill.protocols import SkipRow

@@ -7,7 +7,7 @@ import sys
 import attrs
 import pytest
 
-from distill import NoOptions, TeacherSpec, hookimpl
+from distill import TeacherSpec, hookimpl
 from distill.config import apply_overrides, display_config, load_config, parse_config
 from distill.errors import ConfigError
 

@@ -2,11 +2,10 @@
 
 import importlib
 import sys
-import textwrap
 
 import pytest
 
-from distill import LossSpec, NoOptions, hookimpl
+from distill import LossSpec, hookimpl
 from distill.errors import ComponentConflictError, PluginError, PluginLoadError, UnknownComponentError
 from distill.manager import PluginManager
 

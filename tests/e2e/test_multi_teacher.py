@@ -8,7 +8,7 @@ from distill.config import load_config
 from distill.errors import DistillError
 from distill.loop import run
 
-from ..conftest import build_model, build_tokenizer, write_jsonl
+from ..conftest import build_model, write_jsonl
 
 
 def _rows(route, n, offset=0):
