@@ -554,7 +554,7 @@ def load_config(
     return parse_config(apply_overrides(raw, overrides), manager, source=str(path))
 
 
-def resolve_path(value: str, config: RunConfig) -> str:
+def resolve_path(value: str, config: RunConfig | None) -> str:
     """A relative path is looked up next to the config file first, then in the working directory.
 
     Values that exist in neither place (a hub id, a file still to be written) are returned as is.
@@ -562,8 +562,9 @@ def resolve_path(value: str, config: RunConfig) -> str:
     candidate = Path(value).expanduser()
     if candidate.is_absolute():
         return str(candidate)
-    if config.source is not None:
-        beside = Path(config.source).parent / candidate
+    source = getattr(config, "source", None)
+    if source is not None:
+        beside = Path(source).parent / candidate
         if beside.exists():
             return str(beside)
     return str(candidate)

@@ -479,7 +479,10 @@ class _Run:
             "student_accuracy_after": after.get("accuracy"),
             "reverse_kl_before": before.get("reverse_kl"),
             "reverse_kl_after": after.get("reverse_kl"),
-            "teachers": {name: book.as_dict() for name, book in sorted(self.parts.pool.totals.items())},
+            "teachers": {
+                name: {**book.as_dict(), **getattr(self.parts.pool.teachers[name], "counters", dict)()}
+                for name, book in sorted(self.parts.pool.totals.items())
+            },
             "per_route": self.per_route(),
             "eval_history": evaluation.get("history", []),
             "loss": config.loss.name,

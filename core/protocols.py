@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         PromptRow,
         Rollout,
         SamplingParams,
+        ScoreFailure,
         ScoreRequest,
         TeacherScores,
         WeightedScores,
@@ -58,8 +59,14 @@ class Sampler(Protocol):
 class TeacherScorer(Protocol):
     """Scores exactly the tokens the student sampled."""
 
-    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores]:
-        """Per completion token: the teacher's logprob, and its top-``top_k`` when ``top_k`` > 0."""
+    async def score(
+        self, requests: Sequence[ScoreRequest], *, top_k: int
+    ) -> list[TeacherScores | ScoreFailure]:
+        """Per completion token: the teacher's logprob, and its top-``top_k`` when ``top_k`` > 0.
+
+        A request that failed for good gets a :class:`ScoreFailure`: its rollout is dropped and
+        counted. Raise to stop the run (a teacher that stays down).
+        """
 
     def vocabulary(self) -> Mapping[str, int] | None:
         """The teacher tokenizer's token -> id map, checked against the student's; None if unknown."""

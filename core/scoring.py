@@ -17,7 +17,7 @@ import attrs
 
 from distill.align import AlignmentError
 from distill.protocols import SkipRow
-from distill.types import Rollout, ScoreRequest, TeacherScores, WeightedScores
+from distill.types import Rollout, ScoreFailure, ScoreRequest, TeacherScores, WeightedScores
 
 __all__ = ["TeacherBook", "TeacherPool"]
 
@@ -30,10 +30,12 @@ class TeacherBook:
     requests: int = 0
     tokens: int = 0
     reverse_kl_sum: float = 0.0
+    failed: int = 0
     in_flight: int = 0
     peak_in_flight: int = 0
 
     def add(self, other: TeacherBook) -> None:
+        self.failed += other.failed
         self.rows += other.rows
         self.requests += other.requests
         self.tokens += other.tokens
@@ -46,7 +48,7 @@ class TeacherBook:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows_scored": self.rows, "requests": self.requests, "tokens_scored": self.tokens,
-                "reverse_kl": self.reverse_kl, "peak_in_flight": self.peak_in_flight}
+                "reverse_kl": self.reverse_kl, "failed": self.failed, "peak_in_flight": self.peak_in_flight}
 
 
 @attrs.define
@@ -63,7 +65,7 @@ class TeacherPool:
 
     async def _score_one_teacher(
         self, name: str, rollouts: Sequence[Rollout], indices: list[int], book: TeacherBook
-    ) -> list[TeacherScores]:
+    ) -> list[TeacherScores | ScoreFailure]:
         requests = [
             ScoreRequest(
                 prompt_ids=rollouts[i].row.teacher_prompt_ids(self.prompt_keys[name]),
@@ -79,7 +81,12 @@ class TeacherPool:
             book.in_flight -= len(requests)
         if len(results) != len(requests):
             raise AlignmentError(f"teacher '{name}' returned {len(results)} scores for {len(requests)} requests")
+        scored = []
         for i, scores in zip(indices, results, strict=True):
+            if isinstance(scores, ScoreFailure):
+                book.failed += 1
+                continue
+            scored.append(i)
             rollout = rollouts[i]
             if scores.logprobs_C.shape != rollout.completion_ids_C.shape:
                 raise AlignmentError(
@@ -88,8 +95,8 @@ class TeacherPool:
                 )
             book.reverse_kl_sum += float((rollout.model_logprobs_C - scores.logprobs_C).sum())
         book.requests += len(requests)
-        book.rows += len({rollouts[i].row.index for i in indices})
-        book.tokens += sum(rollouts[i].completion_ids_C.shape[0] for i in indices)
+        book.rows += len({rollouts[i].row.index for i in scored})
+        book.tokens += sum(rollouts[i].completion_ids_C.shape[0] for i in scored)
         return results
 
     async def score(
@@ -97,7 +104,8 @@ class TeacherPool:
     ) -> tuple[list[Rollout], list[TeacherScores], dict[str, TeacherBook]]:
         """Route and score ``rollouts``; return the scored ones, their targets and this call's books.
 
-        A row the router skips is counted once in ``skipped`` (by reason) and dropped.
+        A row the router skips is counted once in ``skipped`` (by reason) and dropped; a completion
+        a teacher failed to score is dropped and counted as ``teacher_failed:<reason>``.
         ``record`` adds the books to the run totals (evaluation does not).
         """
         skipped = Counter() if skipped is None else skipped
@@ -120,12 +128,18 @@ class TeacherPool:
             *(self._score_one_teacher(name, rollouts, idx, books[name]) for name, idx in by_teacher.items())
         )
         per_rollout: dict[int, dict[str, TeacherScores]] = {i: {} for i in routed}
+        failed: dict[int, str] = {}
         for (name, indices), scores in zip(by_teacher.items(), results, strict=True):
             for i, score in zip(indices, scores, strict=True):
-                per_rollout[i][name] = score
+                if isinstance(score, ScoreFailure):
+                    failed.setdefault(i, f"teacher_failed:{score.reason}")
+                else:
+                    per_rollout[i][name] = score
+        for reason in failed.values():  # a dropped completion is counted, never trained on
+            skipped[reason] += 1
 
         kept, targets = [], []
-        for i in sorted(routed):
+        for i in sorted(set(routed) - set(failed)):
             names = routed[i]
             if len(names) == 1:
                 target = per_rollout[i][names[0]]

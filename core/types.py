@@ -31,6 +31,7 @@ __all__ = [
     "TeacherSignal",
     "RunInfo",
     "WeightedScores",
+    "ScoreFailure",
 ]
 
 TeacherSignal = Literal["logprobs", "topk"]
@@ -204,6 +205,14 @@ class TeacherScores:
     logprobs_C: torch.Tensor
     topk_ids_C_K: torch.Tensor | None = None
     topk_logprobs_C_K: torch.Tensor | None = None
+
+
+@attrs.frozen
+class ScoreFailure:
+    """In place of :class:`TeacherScores` when a request failed for good: its rollout is dropped
+    and counted as ``teacher_failed:<reason>``, never trained on misaligned."""
+
+    reason: str
 
 
 @attrs.frozen

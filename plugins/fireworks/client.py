@@ -1,0 +1,166 @@
+"""A resilient JSON-over-HTTP client: retries with jittered backoff, Retry-After, and an AIMD window.
+
+Retried: 408, 425, 429, 5xx, transport errors, timeouts, truncated or non-JSON bodies, and
+responses the caller rejects (``Invalid``); every failed attempt is counted by reason. Not retried: 400, 401, 403, 404, 422 — the server's
+message is raised at once. The concurrency window grows by one request per window of successes
+and halves on overload (429, 5xx, timeouts), so a client settles near what the server sustains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+
+from distill.errors import DistillError
+
+__all__ = ["RetryPolicy", "AdaptiveWindow", "Invalid", "RequestFailed", "JsonClient"]
+
+T = TypeVar("T")
+
+RETRY_STATUS = {408, 425, 429}
+OVERLOAD_STATUS = {429}
+
+
+class Invalid(Exception):
+    """The caller found the response unusable (misaligned, non-finite…); ``reason`` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RequestFailed(DistillError):
+    """A request failed for good: a non-retryable status, or retries exhausted."""
+
+    def __init__(self, message: str, reason: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_base_s: float = 0.25
+    backoff_max_s: float = 20.0
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        """Full-jitter exponential backoff, never shorter than the server's Retry-After."""
+        backoff = rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
+        return max(backoff, retry_after or 0.0)
+
+
+class AdaptiveWindow:
+    """An AIMD concurrency limit: +1 per window of successes, halved on overload."""
+
+    def __init__(self, initial: int, maximum: int) -> None:
+        self.limit = float(max(1, min(initial, maximum)))
+        self.maximum = maximum
+        self.in_flight = 0
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> AdaptiveWindow:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def success(self) -> None:
+        self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+
+    def overload(self) -> None:
+        self.limit = max(1.0, self.limit / 2)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _server_message(response: httpx.Response) -> str:
+    text = response.text.strip()
+    try:
+        body = json.loads(text)
+        text = body.get("error", {}).get("message") or body.get("detail") or text
+    except (ValueError, AttributeError):
+        pass
+    return text[:500]
+
+
+class JsonClient:
+    """POSTs JSON to one endpoint and parses the reply, retrying what can be retried."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        headers: dict[str, str],
+        timeout_s: float,
+        policy: RetryPolicy,
+        window: AdaptiveWindow,
+        seed: int = 0,
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
+        self.policy = policy
+        self.window = window
+        self.failed_attempts: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+
+    async def post(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """POST ``body``; ``parse(json)`` may raise :class:`Invalid` to have the request retried."""
+        last = "unknown"
+        for attempt in range(self.policy.max_attempts):
+            retry_after = None
+            async with self.window:
+                try:
+                    response = await self._http.post(path, json=body)
+                except httpx.TimeoutException:
+                    last, overloaded = "timeout", True
+                except httpx.TransportError as exc:
+                    last, overloaded = f"transport:{type(exc).__name__}", False
+                else:
+                    status = response.status_code
+                    if status < 300:
+                        try:
+                            result = parse(response.json())
+                        except json.JSONDecodeError:
+                            last, overloaded = "bad_json", False
+                        except Invalid as bad:
+                            last, overloaded = f"invalid:{bad.reason}", False
+                        else:
+                            self.window.success()
+                            return result
+                    elif status in RETRY_STATUS or status >= 500:
+                        last, overloaded = f"http_{status}", status in OVERLOAD_STATUS or status >= 500
+                        retry_after = _retry_after(response)
+                    else:
+                        raise RequestFailed(
+                            f"{path} answered {status}: {_server_message(response)}",
+                            reason=f"http_{status}",
+                            retryable=False,
+                        )
+            if overloaded:
+                self.window.overload()
+            self.failed_attempts[last] += 1
+            if attempt + 1 < self.policy.max_attempts:
+                await asyncio.sleep(self.policy.delay(attempt, retry_after, self._rng))
+        raise RequestFailed(
+            f"{path} failed {self.policy.max_attempts} times; last: {last}", reason=last, retryable=True
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,170 @@
+"""A teacher behind an OpenAI-compatible completions endpoint, in the Fireworks or vLLM dialect.
+
+Every response is validated before use — echoed ids equal what was sent, lengths match, logprobs
+are finite at every scored position, K candidates are present — and a response that fails is
+retried; one that keeps failing drops its rollout with a counted reason, never misaligned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from distill import BuildContext, ScoreRequest, TeacherScores
+from distill.errors import DistillError
+from distill.plugins.fireworks.client import AdaptiveWindow, Invalid, JsonClient, RequestFailed, RetryPolicy
+from distill.types import ScoreFailure
+
+__all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs"]
+
+
+def _finite(value: Any, reason: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise Invalid(reason)
+    return float(value)
+
+
+def _scores(logprobs: list[float], candidates: list[list[tuple[int, float]]] | None) -> TeacherScores:
+    if candidates is None:
+        return TeacherScores(logprobs_C=torch.tensor(logprobs))
+    return TeacherScores(
+        logprobs_C=torch.tensor(logprobs),
+        topk_ids_C_K=torch.tensor([[i for i, _ in row] for row in candidates], dtype=torch.long),
+        topk_logprobs_C_K=torch.tensor([[lp for _, lp in row] for row in candidates]),
+    )
+
+
+def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, top_k: int) -> TeacherScores:
+    """``content[i]`` scores sequence token i (``content[0]`` has no condition); the extra generated
+    token at the end is ignored. Candidates are resolved by ``token_id``."""
+    try:
+        content = body["choices"][0]["logprobs"]["content"]
+        if len(content) < len(sequence):
+            raise Invalid("short_echo")
+        if any(entry["token_id"] != token for entry, token in zip(content, sequence, strict=False)):
+            raise Invalid("echo_mismatch")
+        logprobs, candidates = [], []
+        for entry in content[prompt_len : len(sequence)]:
+            logprobs.append(_finite(entry["logprob"], "non_finite_logprob"))
+            if top_k:
+                ranked = sorted(
+                    ((int(c["token_id"]), _finite(c["logprob"], "non_finite_top_logprob"))
+                     for c in entry.get("top_logprobs") or ()),
+                    key=lambda pair: -pair[1],
+                )
+                if len(ranked) < top_k:
+                    raise Invalid("missing_top_k")
+                candidates.append(ranked[:top_k])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise Invalid("malformed") from None
+    return _scores(logprobs, candidates if top_k else None)
+
+
+def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len: int, top_k: int) -> TeacherScores:
+    """``prompt_logprobs[i]`` maps token ids (as strings) to ``{logprob, rank}`` for position i;
+    the echoed ``prompt_token_ids`` (asked for with ``return_token_ids``) must equal what was sent."""
+    try:
+        echoed = choice.get("prompt_token_ids")
+        if echoed is not None and list(echoed) != list(sequence):
+            raise Invalid("echo_mismatch")
+        positions = choice["prompt_logprobs"]
+        if len(positions) != len(sequence):
+            raise Invalid("length_mismatch")
+        logprobs, candidates = [], []
+        for token, entry in zip(sequence[prompt_len:], positions[prompt_len:], strict=True):
+            if str(token) not in entry:
+                raise Invalid("echo_mismatch")
+            logprobs.append(_finite(entry[str(token)]["logprob"], "non_finite_logprob"))
+            if top_k:
+                ranked = sorted(
+                    ((int(i), _finite(e["logprob"], "non_finite_top_logprob"), int(e["rank"])) for i, e in entry.items()),
+                    key=lambda item: item[2],
+                )
+                top = [(i, lp) for i, lp, rank in ranked if rank <= top_k]
+                if len(top) < top_k:
+                    raise Invalid("missing_top_k")
+                candidates.append(top[:top_k])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise Invalid("malformed") from None
+    return _scores(logprobs, candidates if top_k else None)
+
+
+class RemoteTeacher:
+    """Scores over HTTP; each request retried on its own, concurrency bounded by an AIMD window."""
+
+    def __init__(self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int) -> None:
+        self.client = client
+        self.model = model
+        self.dialect = dialect
+        self.max_failures_in_a_row = max_failures_in_a_row
+        self.failures_in_a_row = 0
+        self.dropped: dict[str, int] = {}
+
+    @classmethod
+    def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
+        headers = {}
+        key = os.environ.get(options.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        client = JsonClient(
+            base_url=options.base_url.rstrip("/"),
+            headers=headers,
+            timeout_s=options.timeout_s,
+            policy=RetryPolicy(max_attempts=options.max_attempts, backoff_base_s=options.backoff_base_s,
+                               backoff_max_s=options.backoff_max_s),
+            window=AdaptiveWindow(options.concurrency, options.max_concurrency),
+            seed=context.seed,
+        )
+        return cls(client, model=options.model, dialect=options.dialect,
+                   max_failures_in_a_row=options.max_failures_in_a_row)
+
+    def vocabulary(self) -> Mapping[str, int] | None:
+        return None  # declare `tokenizer` on the [[teachers]] entry to have it checked
+
+    def counters(self) -> dict[str, Any]:
+        return {"failed_attempts": dict(self.client.failed_attempts), "dropped": dict(self.dropped),
+                "window": self.client.window.limit}
+
+    async def _score_one(self, request: ScoreRequest, top_k: int) -> TeacherScores:
+        sequence = [*request.prompt_ids, *request.completion_ids]
+        prompt_len = len(request.prompt_ids)
+        if self.dialect == "fireworks":
+            body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
+                    "echo": True, "logprobs": True, "raw_output": True}
+            if top_k:
+                body["top_logprobs"] = top_k
+            return await self.client.post(
+                "/inference/v1/completions", body,
+                lambda reply: parse_fireworks_echo(reply, sequence, prompt_len, top_k),
+            )
+        body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": top_k, "return_token_ids": True}
+        return await self.client.post(
+            "/v1/completions", body,
+            lambda reply: parse_vllm_prompt_logprobs(reply["choices"][0], sequence, prompt_len, top_k),
+        )
+
+    async def _guarded(self, request: ScoreRequest, top_k: int) -> TeacherScores | ScoreFailure:
+        try:
+            scores = await self._score_one(request, top_k)
+        except RequestFailed as failed:
+            if not failed.retryable:
+                raise DistillError(f"Teacher {self.model!r} refused a request: {failed}") from None
+            self.failures_in_a_row += 1
+            self.dropped[failed.reason] = self.dropped.get(failed.reason, 0) + 1
+            if self.failures_in_a_row >= self.max_failures_in_a_row:
+                raise DistillError(
+                    f"Teacher {self.model!r} failed {self.failures_in_a_row} requests in a row (last: "
+                    f"{failed}); stopping. The last checkpoint is intact: fix the server and rerun to resume."
+                ) from None
+            return ScoreFailure(reason=failed.reason)
+        self.failures_in_a_row = 0
+        return scores
+
+    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores | ScoreFailure]:
+        return list(await asyncio.gather(*(self._guarded(r, top_k) for r in requests)))

@@ -1,0 +1,190 @@
+"""The remote teacher against a real server on 127.0.0.1 (distill-serve), and its response checks."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.config import load_config, parse_config
+from distill.errors import ConfigError, DistillError
+from distill.plugins.fireworks import RemoteTeacherOptions
+from distill.plugins.fireworks.client import Invalid
+from distill.plugins.fireworks.teacher import RemoteTeacher, parse_fireworks_echo, parse_vllm_prompt_logprobs
+from distill.plugins.hf.teacher import HFTeacher
+from distill.types import BuildContext, ScoreFailure, ScoreRequest
+
+REQUESTS = [ScoreRequest(prompt_ids=(2, 30, 31, 5, 3), completion_ids=(20, 21, 22, 1)),
+            ScoreRequest(prompt_ids=(2, 33, 5, 3), completion_ids=(40, 1)),
+            ScoreRequest(prompt_ids=(4, 40, 41, 42, 43, 5, 2, 33, 5, 3), completion_ids=(25, 26, 27))]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(model, *extra):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distill.plugins.fireworks.serve", "--model", str(model),
+                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("distill-serve did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    proc, base = _serve(tiny_models["teacher"])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _remote(base, **options):
+    opts = RemoteTeacherOptions(base_url=base, model="tiny", backoff_base_s=0.01, **options)
+    return RemoteTeacher.build(opts, BuildContext(run_config=None, output_dir=".", seed=0, device="cpu"))
+
+
+def test_models_and_health_endpoints(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/v1/models").json()["data"][0]["object"] == "model"
+
+
+def test_remote_scores_match_the_local_teacher(server, tiny_models):
+    local = HFTeacher(AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]), None, batch_size=8)
+    expected = asyncio.run(local.score(REQUESTS, top_k=5))
+    got = asyncio.run(_remote(server).score(REQUESTS, top_k=5))
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have.logprobs_C, want.logprobs_C, atol=1e-4, rtol=0)
+        assert have.topk_ids_C_K.tolist() == want.topk_ids_C_K.tolist()
+        torch.testing.assert_close(have.topk_logprobs_C_K, want.topk_logprobs_C_K, atol=1e-4, rtol=0)
+
+
+def test_a_refused_request_fails_fast_with_the_servers_message(server):
+    with pytest.raises(DistillError, match="refused a request: /inference/v1/completions answered 400: top_logprobs must be an integer between 0 and 5"):
+        asyncio.run(_remote(server).score(REQUESTS[:1], top_k=6))
+
+
+def test_injected_faults_are_retried_and_counted_exactly(tiny_models):
+    proc, base = _serve(tiny_models["teacher"], "--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
+                        "--fault-seed", "3", "--stall-s", "2")
+    try:
+        teacher = _remote(base, timeout_s=0.5, max_attempts=8)
+        requests = REQUESTS * 10
+        results = asyncio.run(teacher.score(requests, top_k=3))
+        injected = httpx.get(f"{base}/faults").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert sum(injected.values()) > 10
+    counts = teacher.counters()["failed_attempts"]
+    by_kind = {"429": counts.get("http_429", 0), "500": counts.get("http_500", 0), "stall": counts.get("timeout", 0),
+               "truncate": counts.get("bad_json", 0), "corrupt": counts.get("invalid:non_finite_logprob", 0),
+               "reset": sum(v for k, v in counts.items() if k.startswith("transport:"))}
+    assert by_kind == {kind: injected.get(kind, 0) for kind in by_kind}
+    expected = [s for s in asyncio.run(HFTeacher(AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]), None, 8).score(requests, top_k=3))]
+    for want, have in zip(expected, results, strict=True):
+        if isinstance(have, ScoreFailure):
+            continue  # a request that failed every attempt is dropped, never misaligned
+        torch.testing.assert_close(have.logprobs_C, want.logprobs_C, atol=1e-4, rtol=0)
+
+
+def test_a_teacher_that_stays_down_stops_with_a_clear_message():
+    teacher = _remote(f"http://127.0.0.1:{_free_port()}", max_attempts=2, max_failures_in_a_row=3)
+    with pytest.raises(DistillError, match=r"failed 3 requests in a row .*The last checkpoint is intact"):
+        asyncio.run(teacher.score(REQUESTS * 2, top_k=0))
+
+
+SEQ = [2, 7, 8, 9]
+
+
+def _content(ids, logprob=-0.5, top=()):
+    return [{"token_id": i, "logprob": None if n == 0 else logprob, "top_logprobs": list(top)} for n, i in enumerate(ids)]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"choices": [{"logprobs": {"content": _content([2, 7, 8])}}]}, "short_echo"),
+    ({"choices": [{"logprobs": {"content": _content([2, 7, 5, 9, 1])}}]}, "echo_mismatch"),
+    ({"choices": [{"logprobs": {"content": _content(SEQ + [1], logprob=None)}}]}, "non_finite_logprob"),
+    ({"choices": [{"logprobs": {"content": _content(SEQ + [1], top=[{"token_id": 3, "logprob": -1.0}])}}]}, "missing_top_k"),
+    ({"choices": []}, "malformed"),
+])
+def test_fireworks_responses_that_do_not_line_up_are_rejected(body, reason):
+    with pytest.raises(Invalid) as bad:
+        parse_fireworks_echo(body, SEQ, prompt_len=2, top_k=2)
+    assert bad.value.reason == reason
+
+
+def test_fireworks_echo_alignment_and_candidates():
+    content = _content(SEQ + [1], top=[{"token_id": 3, "logprob": -2.0}, {"token_id": 4, "logprob": -1.0}])
+    content[2]["logprob"], content[3]["logprob"] = -0.25, -0.75
+    scores = parse_fireworks_echo({"choices": [{"logprobs": {"content": content}}]}, SEQ, prompt_len=2, top_k=2)
+    assert scores.logprobs_C.tolist() == [-0.25, -0.75]  # targets of 8 and 9; the generated 1 is dropped
+    assert scores.topk_ids_C_K.tolist() == [[4, 3], [4, 3]]
+
+
+def test_vllm_prompt_logprobs_are_keyed_by_token_id():
+    positions = [None, {"7": {"logprob": -1.0, "rank": 2}},
+                 {"8": {"logprob": -0.1, "rank": 1}, "5": {"logprob": -3.0, "rank": 2}},
+                 {"9": {"logprob": -4.0, "rank": 7}, "6": {"logprob": -0.2, "rank": 1}, "3": {"logprob": -2.0, "rank": 2}}]
+    scores = parse_vllm_prompt_logprobs({"prompt_logprobs": positions}, SEQ, prompt_len=2, top_k=2)
+    assert scores.logprobs_C.tolist() == pytest.approx([-0.1, -4.0])
+    assert scores.topk_ids_C_K.tolist() == [[8, 5], [6, 3]]
+    with pytest.raises(Invalid, match="echo_mismatch"):  # the scored token is missing at its position
+        parse_vllm_prompt_logprobs({"prompt_logprobs": positions}, [2, 7, 4, 9], prompt_len=2, top_k=2)
+    with pytest.raises(Invalid, match="echo_mismatch"):  # the server echoed other prompt ids
+        parse_vllm_prompt_logprobs({"prompt_logprobs": positions, "prompt_token_ids": [2, 7, 5, 9]}, SEQ, 2, 2)
+    with pytest.raises(Invalid, match="length_mismatch"):
+        parse_vllm_prompt_logprobs({"prompt_logprobs": positions[:3]}, SEQ, prompt_len=2, top_k=2)
+
+
+def test_top_k_above_the_dialect_cap_is_a_config_error(manager):
+    raw = {"student": {"model": "s"}, "data": {"train": "t"}, "loss": {"name": "topk_forward_kl", "top_k": 8},
+           "teachers": [{"backend": "fireworks", "base_url": "http://x", "model": "m"}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == ["top_k 8 exceeds the Fireworks API's cap of 5 top_logprobs for teacher teachers[0] @ loss.top_k"]
+
+
+@pytest.mark.slow
+def test_a_run_with_the_teacher_over_http_matches_the_local_run_and_never_leaks_the_key(server, tiny_models, tmp_path, manager):
+    from ..e2e.test_run import _write_config
+
+    path = _write_config(tmp_path, tiny_models, steps=2)
+    secret = "sk-test-0123456789abcdef"
+    local = load_config(path, manager, [f"output_dir='{tmp_path / 'local'}'", "data.eval=''"])
+    env = {**os.environ, "MY_TEACHER_KEY": secret}
+    remote_teacher = f"teachers.0={{backend = 'fireworks', base_url = '{server}', model = 'tiny', api_key_env = 'MY_TEACHER_KEY', tokenizer = '{tiny_models['tokenizer']}'}}"
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--no-progress",
+                           "--set", f"output_dir='{tmp_path / 'remote'}'", "--set", "data.eval=''", "--set", remote_teacher],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from distill.loop import run
+
+    run(local, manager, progress=False)
+    local_lines = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    remote_lines = [json.loads(line) for line in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
+    for want, have in zip(local_lines, remote_lines, strict=True):
+        assert have["teacher_logprob"] == pytest.approx(want["teacher_logprob"], abs=1e-4)
+        assert have["completion_tokens"] == want["completion_tokens"]
+    assert secret not in proc.stdout + proc.stderr
+    for file in (tmp_path / "remote").rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), file
