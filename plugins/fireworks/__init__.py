@@ -34,6 +34,7 @@ class RemoteTeacherOptions:
     max_concurrency: int = attrs.field(default=64, validator=positive)
     max_failures_in_a_row: int = attrs.field(default=16, validator=positive)
     max_logprobs: int = attrs.field(default=20, validator=positive)
+    batch_size: int = attrs.field(default=16, validator=positive)
 
 
 def _check(options: RemoteTeacherOptions, config: RunConfig) -> list[str]:

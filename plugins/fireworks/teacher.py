@@ -95,12 +95,16 @@ def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len:
 
 
 class RemoteTeacher:
-    """Scores over HTTP; each request retried on its own, concurrency bounded by an AIMD window."""
+    """Scores over HTTP (vLLM: ``batch_size`` sequences per request); each request is retried on
+    its own, concurrency is bounded by an AIMD window."""
 
-    def __init__(self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int) -> None:
+    def __init__(
+        self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int, batch_size: int = 16
+    ) -> None:
         self.client = client
         self.model = model
         self.dialect = dialect
+        self.batch_size = batch_size
         self.max_failures_in_a_row = max_failures_in_a_row
         self.failures_in_a_row = 0
         self.dropped: dict[str, int] = {}
@@ -121,7 +125,7 @@ class RemoteTeacher:
             seed=context.seed,
         )
         return cls(client, model=options.model, dialect=options.dialect,
-                   max_failures_in_a_row=options.max_failures_in_a_row)
+                   max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size)
 
     def vocabulary(self) -> Mapping[str, int] | None:
         return None  # declare `tokenizer` on the [[teachers]] entry to have it checked
@@ -130,41 +134,53 @@ class RemoteTeacher:
         return {"failed_attempts": dict(self.client.failed_attempts), "dropped": dict(self.dropped),
                 "window": self.client.window.limit}
 
-    async def _score_one(self, request: ScoreRequest, top_k: int) -> TeacherScores:
-        sequence = [*request.prompt_ids, *request.completion_ids]
-        prompt_len = len(request.prompt_ids)
+    async def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
+        """One HTTP request: a single sequence (fireworks) or a batch of them (vllm)."""
+        sequences = [[*r.prompt_ids, *r.completion_ids] for r in requests]
+        lengths = [len(r.prompt_ids) for r in requests]
         if self.dialect == "fireworks":
+            (sequence,), (prompt_len,) = sequences, lengths
             body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
                     "echo": True, "logprobs": True, "raw_output": True}
             if top_k:
                 body["top_logprobs"] = top_k
-            return await self.client.post(
+            return [await self.client.post(
                 "/inference/v1/completions", body,
                 lambda reply: parse_fireworks_echo(reply, sequence, prompt_len, top_k),
-            )
-        body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
-                "prompt_logprobs": top_k, "return_token_ids": True}
-        return await self.client.post(
-            "/v1/completions", body,
-            lambda reply: parse_vllm_prompt_logprobs(reply["choices"][0], sequence, prompt_len, top_k),
-        )
+            )]
 
-    async def _guarded(self, request: ScoreRequest, top_k: int) -> TeacherScores | ScoreFailure:
+        def parse(reply: Any) -> list[TeacherScores]:
+            try:
+                choices = sorted(reply["choices"], key=lambda choice: choice["index"])
+            except (KeyError, TypeError):
+                raise Invalid("malformed") from None
+            if [c["index"] for c in choices] != list(range(len(sequences))):
+                raise Invalid("missing_choices")
+            return [parse_vllm_prompt_logprobs(c, seq, n, top_k) for c, seq, n in zip(choices, sequences, lengths, strict=True)]
+
+        body = {"model": self.model, "prompt": sequences, "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": top_k, "return_token_ids": True}
+        return await self.client.post("/v1/completions", body, parse)
+
+    async def _guarded(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores | ScoreFailure]:
         try:
-            scores = await self._score_one(request, top_k)
+            scores: list[TeacherScores | ScoreFailure] = list(await self._score_batch(requests, top_k))
         except RequestFailed as failed:
             if not failed.retryable:
                 raise DistillError(f"Teacher {self.model!r} refused a request: {failed}") from None
             self.failures_in_a_row += 1
-            self.dropped[failed.reason] = self.dropped.get(failed.reason, 0) + 1
+            self.dropped[failed.reason] = self.dropped.get(failed.reason, 0) + len(requests)
             if self.failures_in_a_row >= self.max_failures_in_a_row:
                 raise DistillError(
                     f"Teacher {self.model!r} failed {self.failures_in_a_row} requests in a row (last: "
                     f"{failed}); stopping. The last checkpoint is intact: fix the server and rerun to resume."
                 ) from None
-            return ScoreFailure(reason=failed.reason)
+            return [ScoreFailure(reason=failed.reason)] * len(requests)
         self.failures_in_a_row = 0
         return scores
 
     async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores | ScoreFailure]:
-        return list(await asyncio.gather(*(self._guarded(r, top_k) for r in requests)))
+        size = 1 if self.dialect == "fireworks" else self.batch_size
+        batches = [requests[i : i + size] for i in range(0, len(requests), size)]
+        results = await asyncio.gather(*(self._guarded(batch, top_k) for batch in batches))
+        return [scores for batch in results for scores in batch]

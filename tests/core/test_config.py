@@ -167,7 +167,7 @@ def test_validate_command_prints_every_error_and_exits_non_zero(tmp_path):
     assert proc.stderr == (
         f"distill-run: 2 config error(s) in {config}:\n"
         "  - must be > 0, got -3 @ train.steps\n"
-        "  - Unknown teacher 'nope'. Available: hf. @ teachers[0].backend\n"
+        "  - Unknown teacher 'nope'. Available: fireworks, hf. @ teachers[0].backend\n"
     )
 
 

@@ -1,0 +1,219 @@
+"""Benchmark of LM-head loss implementations: incremental peak memory and time of forward + backward.
+
+    python bench/losses.py --device cpu      # writes bench/results/losses-cpu.json, prints ratios
+    python bench/losses.py --device cuda
+
+Every (implementation, shape) runs in its own process, so one implementation's allocator caches
+and compiled graphs never touch another's; the processes are interleaved (A B C, A B C per shape).
+Time: the median of ``--iters`` forward + backward passes after ``--warmup`` passes (compilation
+happens in the warm-up). Memory: the peak above the level just before a pass, with the inputs, the
+previous pass's gradients freed; it includes the gradients the pass creates (dh, dW). On CUDA that
+is ``max_memory_allocated``; on CPU torch keeps no allocation statistics and tracemalloc does not
+see its allocations, so a thread samples the process RSS every millisecond during one extra pass
+made after ``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` and ``malloc_trim``: every large tensor is then
+its own mmap, returned to the OS when freed, so RSS follows the live tensors (the timed passes
+keep glibc's default allocator behaviour).
+The loss is the importance-sampled reverse KL of ``sampled_reverse_kl`` (one id per row).
+
+Peers run only where importable: Cut Cross-Entropy's ``torch_compile`` implementation (a
+cross-entropy, the same LSE + gather work) from ``--peer-python`` (a venv holding
+``cut-cross-entropy``, e.g. made with ``--system-site-packages`` and ``pip install --no-deps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "cpu": [(4096, 1024, 32768), (2048, 1024, 151936)],
+    "cuda": [(4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)],
+}
+IMPLS = ["naive", "naive_compiled", "chunked", "chunked_compiled", "cce_torch_compile"]
+BASELINE = "naive"
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+# -- the worker: one implementation at one shape -----------------------------------------------
+
+
+def _is_loss(logprobs_N, sampling_N, advantage_N, cap=20.0):
+    import torch
+
+    ratio_N = torch.exp((logprobs_N - sampling_N).clamp(-cap, cap))
+    return -(ratio_N * advantage_N).sum()
+
+
+def _naive(hidden_N_H, weight_V_H, ids_N, sampling_N, advantage_N):
+    import torch
+
+    logits_N_V = (hidden_N_H @ weight_V_H.T).float()
+    logprobs_N = torch.log_softmax(logits_N_V, dim=-1).gather(1, ids_N[:, None])[:, 0]
+    return _is_loss(logprobs_N, sampling_N, advantage_N)
+
+
+def _build(impl: str) -> Callable[..., Any]:
+    import torch
+
+    if impl == "naive":
+        return _naive
+    if impl == "naive_compiled":
+        return torch.compile(_naive)
+    if impl in ("chunked", "chunked_compiled"):
+        from distill.plugins.cuda_losses import ChunkedKernel
+
+        kernel = ChunkedKernel(compile=impl == "chunked_compiled")
+        return lambda h, w, ids, s, a: _is_loss(kernel(h, w, ids[:, None])[:, 0], s, a)
+    if impl == "triton":
+        from distill.plugins.cuda_losses.triton_kernel import TRITON_KERNEL
+
+        return lambda h, w, ids, s, a: _is_loss(TRITON_KERNEL(h, w, ids[:, None])[:, 0], s, a)
+    if impl == "cce_torch_compile":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, ids, s, a: linear_cross_entropy(h, w, ids, reduction="sum", impl="torch_compile")
+    raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}, triton")
+
+
+class _RssPeak:
+    """Highest resident set size seen by a 1 ms sampling thread, in bytes."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.001)
+
+    def __enter__(self) -> _RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def worker(impl: str, n: int, h: int, v: int, dtype_name: str, device: str, warmup: int, iters: int) -> dict:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(0)
+    hidden_N_H = (torch.randn(n, h, generator=generator) / h**0.25).to(device, dtype).requires_grad_()
+    weight_V_H = (torch.randn(v, h, generator=generator) / h**0.25).to(device, dtype).requires_grad_()
+    ids_N = torch.randint(0, v, (n,), generator=generator).to(device)
+    sampling_N = torch.full((n,), -float(torch.log(torch.tensor(float(v)))), device=device)
+    advantage_N = torch.randn(n, generator=generator).to(device)
+    loss_fn = _build(impl)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def one_pass() -> None:
+        hidden_N_H.grad = weight_V_H.grad = None
+        loss_fn(hidden_N_H, weight_V_H, ids_N, sampling_N, advantage_N).backward()
+        sync()
+
+    for _ in range(warmup):
+        one_pass()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    hidden_N_H.grad = weight_V_H.grad = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        one_pass()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        # After timing (which keeps glibc's default, realistic allocation): every allocation of
+        # 64 KiB or more becomes its own mmap, and the heap gives back what it holds.
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 65536)
+        libc.malloc_trim(0)
+        with _RssPeak() as rss:
+            base = rss.now()
+            one_pass()
+        peak = rss.peak - base
+    return {"impl": impl, "loss": "sampled_reverse_kl", "N": n, "H": h, "V": v, "dtype": dtype_name,
+            "peak_mib": round(peak / 2**20, 1), "ms": round(1000 * statistics.median(times), 1)}
+
+
+# -- the driver: one process per (implementation, shape), interleaved ---------------------------
+
+
+def _run_worker(args: argparse.Namespace, impl: str, shape: tuple[int, int, int]) -> dict | None:
+    python = args.peer_python if impl.startswith("cce") else sys.executable
+    if python is None:
+        print(f"skip {impl}: no --peer-python with cut-cross-entropy", file=sys.stderr)
+        return None
+    n, h, v = shape
+    command = [python, __file__, "--worker", impl, str(n), str(h), str(v), "--dtype", args.dtype,
+               "--device", args.device, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        print(f"skip {impl} {shape}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'N':>6} {'H':>5} {'V':>7}  {'impl':<18} {'peak MiB':>9} {'ms':>9} {'mem/naive':>9} {'time/naive':>10}"]
+    for shape in dict.fromkeys((r["N"], r["H"], r["V"]) for r in rows):
+        group = [r for r in rows if (r["N"], r["H"], r["V"]) == shape]
+        base = next((r for r in group if r["impl"] == BASELINE), None)
+        for r in group:
+            mem = f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
+            speed = f"{r['ms'] / base['ms']:.2f}" if base else "-"
+            lines.append(f"{r['N']:>6} {r['H']:>5} {r['V']:>7}  {r['impl']:<18} {r['peak_mib']:>9.1f} "
+                         f"{r['ms']:>9.1f} {mem:>9} {speed:>10}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--shapes", nargs="*", help="N,H,V triples (default: the device's shapes)")
+    parser.add_argument("--impls", nargs="*", help=f"default: {' '.join(IMPLS)} (+ triton on cuda)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--peer-python", help="python of a venv with cut-cross-entropy installed")
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "H", "V"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        impl, n, h, v = args.worker
+        print(json.dumps(worker(impl, int(n), int(h), int(v), args.dtype, args.device, args.warmup, args.iters)))
+        return
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[args.device]
+    impls = args.impls or IMPLS + (["triton"] if args.device == "cuda" else [])
+    rows = [row for shape in shapes for impl in impls if (row := _run_worker(args, impl, shape))]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"losses-{args.device}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
