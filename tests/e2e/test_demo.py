@@ -30,3 +30,14 @@ def test_shipped_tokenizer_renders_one_token_per_digit():
     completion = tokenizer.encode("Answer: 81", add_special_tokens=False)
     assert [tokenizer.decode([i]) for i in completion] == ["Answer", ":", " ", "8", "1"]
     assert AutoTokenizer.from_pretrained(DEMO / "teacher").get_vocab() == tokenizer.get_vocab()
+
+
+@pytest.mark.slow
+def test_routed_mopd_example_raises_every_route_by_30_points(tmp_path, manager):
+    config = load_config(DEMO.parent / "routed_mopd" / "opd.toml", manager, [f"output_dir='{tmp_path}'"])
+    summary = run(config, manager, progress=False)
+    assert set(summary["per_route"]) == {"add", "sub"}
+    for route in summary["per_route"].values():
+        assert route["teacher_accuracy"] >= 0.95
+        assert route["accuracy_after"] - route["accuracy_before"] >= 0.30
+        assert route["rows_scored"] > 0
