@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,27 +58,51 @@ class RetryPolicy:
 
 
 class AdaptiveWindow:
-    """An AIMD concurrency limit: +1 per window of successes, halved on overload."""
+    """An AIMD concurrency limit: +1 per window of successes, halved on overload.
+
+    Waiters queue first-in first-out and a released slot is handed to exactly one of them, so the
+    cost per request stays constant however long the queue (a Condition woke every waiter).
+    """
 
     def __init__(self, initial: int, maximum: int) -> None:
         self.limit = float(max(1, min(initial, maximum)))
         self.maximum = maximum
         self.in_flight = 0
-        self._changed = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def __aenter__(self) -> AdaptiveWindow:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < int(self.limit))
+        if not self._waiters and self.in_flight < int(self.limit):
             self.in_flight += 1
+            return self
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved with the slot already counted for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot was handed over as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify_all()
+        self._release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiters and self.in_flight < int(self.limit):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def success(self) -> None:
         self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+        self._admit()
 
     def overload(self) -> None:
         self.limit = max(1.0, self.limit / 2)
@@ -114,7 +138,9 @@ class JsonClient:
         window: AdaptiveWindow,
         seed: int = 0,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
+        # keep as many connections alive as the window may use (httpx keeps 20 by default)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=window.maximum)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, limits=limits)
         self.policy = policy
         self.window = window
         self.failed_attempts: Counter[str] = Counter()

@@ -188,3 +188,41 @@ def test_a_run_with_the_teacher_over_http_matches_the_local_run_and_never_leaks_
     for file in (tmp_path / "remote").rglob("*"):
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), file
+
+
+def test_adaptive_window_bounds_concurrency_admits_in_order_and_adapts():
+    from distill.plugins.fireworks.client import AdaptiveWindow
+
+    async def scenario():
+        window = AdaptiveWindow(initial=2, maximum=4)
+        running, peak, order = 0, 0, []
+
+        async def job(i):
+            nonlocal running, peak
+            async with window:
+                order.append(i)
+                running += 1
+                peak = max(peak, running)
+                await asyncio.sleep(0.01)
+                running -= 1
+
+        await asyncio.gather(*(job(i) for i in range(10)))
+        assert peak == 2 and order == list(range(10)) and window.in_flight == 0
+        window.overload()
+        assert window.limit == 1.0
+        for _ in range(3):
+            window.success()
+        assert window.limit == pytest.approx(2.9)  # 1 -> 2 -> 2.5 -> 2.9: about +1 per window of successes
+
+        # a waiter cancelled while queued gives up its place; the slot goes to the next in line
+        window = AdaptiveWindow(initial=1, maximum=1)
+        await window.__aenter__()
+        queued = asyncio.ensure_future(window.__aenter__())
+        nxt = asyncio.ensure_future(window.__aenter__())
+        await asyncio.sleep(0)
+        queued.cancel()
+        await window.__aexit__()
+        await asyncio.sleep(0)
+        assert nxt.done() and window.in_flight == 1
+
+    asyncio.run(scenario())
