@@ -138,9 +138,7 @@ class JsonClient:
         window: AdaptiveWindow,
         seed: int = 0,
     ) -> None:
-        # keep as many connections alive as the window may use (httpx keeps 20 by default)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=window.maximum)
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s, limits=limits)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
         self.policy = policy
         self.window = window
         self.failed_attempts: Counter[str] = Counter()
