@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,8 +170,9 @@ def test_no_resume_refuses_an_output_dir_with_checkpoints(tmp_path, tiny_models,
 @pytest.mark.slow
 def test_third_party_plugin_package_is_discovered_and_used(tmp_path, tiny_models):
     site = tmp_path / "site"
+    source = shutil.copytree(REPO / "tests" / "third_party_plugin", tmp_path / "plugin_source")  # builds write here
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO / "tests" / "third_party_plugin")],
+                    "--target", str(site), str(source)],
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     listing = _cli("plugins", "--json", env=env)
