@@ -460,6 +460,17 @@ class _Run:
             report[route] = entry
         return report
 
+    async def run_and_close(self) -> dict[str, Any]:
+        """Execute, then close what holds connections (teachers with an ``aclose``), however it ended."""
+        try:
+            return await self.execute()
+        finally:
+            parts = getattr(self, "parts", None)
+            teachers = {id(t): t for t in parts.pool.teachers.values()} if parts else {}
+            for teacher in teachers.values():
+                if hasattr(teacher, "aclose"):
+                    await teacher.aclose()
+
     def summary(self, final_uri: str) -> dict[str, Any]:
         config, evaluation = self.config, self.state["eval"]
         before, after = evaluation.get("before", {}), evaluation.get("after", {})
@@ -519,4 +530,4 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) a distillation; return the summary also written to ``summary.json``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return asyncio.run(_Run(config, manager, resume, progress).execute())
+    return asyncio.run(_Run(config, manager, resume, progress).run_and_close())

@@ -69,7 +69,10 @@ class TeacherScorer(Protocol):
         """
 
     def vocabulary(self) -> Mapping[str, int] | None:
-        """The teacher tokenizer's token -> id map, checked against the student's; None if unknown."""
+        """The teacher tokenizer's token -> id map, checked against the student's; None if unknown.
+
+        A teacher holding connections may also define ``async aclose()``; the run calls it at the end.
+        """
 
 
 class SkipRow(Exception):

@@ -130,6 +130,9 @@ class RemoteTeacher:
     def vocabulary(self) -> Mapping[str, int] | None:
         return None  # declare `tokenizer` on the [[teachers]] entry to have it checked
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
     def counters(self) -> dict[str, Any]:
         return {"failed_attempts": dict(self.client.failed_attempts), "dropped": dict(self.dropped),
                 "window": self.client.window.limit}

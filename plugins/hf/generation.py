@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import torch
 
-__all__ = ["Generated", "generate"]
+__all__ = ["Generated", "generate", "greedy_complete"]
 
 
 @attrs.frozen(eq=False)
@@ -127,3 +127,21 @@ def generate(
         )
         for b in range(B)
     ]
+
+
+def greedy_complete(
+    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int
+) -> list[list[int]]:
+    """Greedy completion ids (no prompt), ``batch_size`` prompts at a time."""
+    completions: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        outputs = generate(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            greedy=True,
+        )
+        completions.extend(out.ids_C.tolist() for out in outputs)
+    return completions

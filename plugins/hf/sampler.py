@@ -9,7 +9,7 @@ import torch
 
 from distill import BuildContext, PromptRow, Rollout, SamplingParams
 from distill.errors import ConfigError
-from distill.plugins.hf.generation import generate
+from distill.plugins.hf.generation import generate, greedy_complete
 
 __all__ = ["HFSampler"]
 
@@ -60,24 +60,8 @@ class HFSampler:
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
         """Greedy completions (used by evaluation)."""
-        return await _greedy(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, self.batch_size)
+        return greedy_complete(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, self.batch_size)
 
     def sync_weights(self, step: int) -> None:
         """Nothing to do: this sampler reads the trainer's parameters directly."""
 
-
-async def _greedy(
-    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int, pad_id: int, batch_size: int
-) -> list[list[int]]:
-    completions: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        outputs = generate(
-            model,
-            prompts[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            greedy=True,
-        )
-        completions.extend(out.ids_C.tolist() for out in outputs)
-    return completions

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from distill.config import load_config, parse_config
 from distill.errors import ConfigError, DistillError
