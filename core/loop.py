@@ -352,7 +352,8 @@ class _Run:
         batch = build_token_batch(rollouts, scores, pad_id=parts.tokenizer.pad_token_id or 0)
         with clock.phase("training"):
             train_metrics = parts.trainer.train_step(batch)
-        parts.sampler.sync_weights(step)
+        with clock.phase("weight_sync"):
+            await parts.sampler.sync_weights(step)
         self.state["tokens"] += batch.num_tokens
         busy = sum(clock.last[p] for p in ("sampling", "teacher_scoring", "training"))
         return {
@@ -364,6 +365,7 @@ class _Run:
             "time_sampling_s": clock.last["sampling"],
             "time_teacher_scoring_s": clock.last["teacher_scoring"],
             "time_training_s": clock.last["training"],
+            "time_weight_sync_s": clock.last["weight_sync"],
             "tokens_per_s": batch.num_tokens / busy if busy else 0.0,
         }
 
@@ -403,6 +405,8 @@ class _Run:
         )
         every_eval, every_save = config.eval.every_steps, config.checkpoint.every_steps
         with _StopFlag() as stop:
+            with self.clock.phase("weight_sync"):
+                await self.parts.sampler.sync_weights(self.started_from)  # a remote server may hold others
             await self.evaluate_before()
             stop.raise_if_requested("before training started")
             bar = tqdm(total=config.train.steps, initial=self.started_from, unit="step",
@@ -461,15 +465,17 @@ class _Run:
         return report
 
     async def run_and_close(self) -> dict[str, Any]:
-        """Execute, then close what holds connections (teachers with an ``aclose``), however it ended."""
+        """Execute, then close what holds connections (components with an ``aclose``), however it ended."""
         try:
             return await self.execute()
         finally:
             parts = getattr(self, "parts", None)
-            teachers = {id(t): t for t in parts.pool.teachers.values()} if parts else {}
-            for teacher in teachers.values():
-                if hasattr(teacher, "aclose"):
-                    await teacher.aclose()
+            components = {id(t): t for t in parts.pool.teachers.values()} if parts else {}
+            if parts:
+                components[id(parts.sampler)] = parts.sampler
+            for component in components.values():
+                if hasattr(component, "aclose"):
+                    await component.aclose()
 
     def summary(self, final_uri: str) -> dict[str, Any]:
         config, evaluation = self.config, self.state["eval"]
@@ -480,7 +486,7 @@ class _Run:
             "tokens": self.state["tokens"],
             "wall_time_s": self.wall_time(),
             "time_s": {k: self.clock.totals.get(k, 0.0)
-                       for k in ("sampling", "teacher_scoring", "training", "eval", "checkpoint")},
+                       for k in ("sampling", "teacher_scoring", "training", "weight_sync", "eval", "checkpoint")},
             "rows_train": len(self.train_data.rows),
             "rows_skipped": dict(Counter(self.train_data.skipped) + self.skipped),
             "eval_rows": len(self.eval_rows),
@@ -494,6 +500,7 @@ class _Run:
                 name: {**book.as_dict(), **getattr(self.parts.pool.teachers[name], "counters", dict)()}
                 for name, book in sorted(self.parts.pool.totals.items())
             },
+            "sampler": getattr(self.parts.sampler, "counters", dict)(),
             "per_route": self.per_route(),
             "eval_history": evaluation.get("history", []),
             "loss": config.loss.name,

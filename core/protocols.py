@@ -51,8 +51,10 @@ class Sampler(Protocol):
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
         """Greedy completion ids (without prompt), one list per prompt; used by evaluation."""
 
-    def sync_weights(self, step: int) -> None:
-        """Make the next ``sample`` use the weights just trained (a no-op when weights are shared)."""
+    async def sync_weights(self, step: int) -> None:
+        """Make the next ``sample`` use the trainer's current weights (a no-op when they are shared).
+
+        Called once before the first sample of a run (fresh or resumed) and after every step."""
 
 
 @runtime_checkable

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from collections import Counter, deque
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import httpx
 
 from distill.errors import DistillError
 
-__all__ = ["RetryPolicy", "AdaptiveWindow", "Invalid", "RequestFailed", "JsonClient"]
+__all__ = ["RetryPolicy", "AdaptiveWindow", "Invalid", "RequestFailed", "JsonClient", "client_for"]
 
 T = TypeVar("T")
 
@@ -144,8 +145,10 @@ class JsonClient:
         self.failed_attempts: Counter[str] = Counter()
         self._rng = random.Random(seed)
 
-    async def post(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
-        """POST ``body``; ``parse(json)`` may raise :class:`Invalid` to have the request retried."""
+    async def post(self, path: str, body: dict[str, Any] | None, parse: Callable[[Any], T] | None = None) -> T | None:
+        """POST ``body``; ``parse(json)`` may raise :class:`Invalid` to have the request retried.
+
+        Without ``parse`` only the status matters (control endpoints may answer with no body)."""
         last = "unknown"
         for attempt in range(self.policy.max_attempts):
             retry_after = None
@@ -160,7 +163,7 @@ class JsonClient:
                     status = response.status_code
                     if status < 300:
                         try:
-                            result = parse(response.json())
+                            result = parse(response.json()) if parse else None
                         except json.JSONDecodeError:
                             last, overloaded = "bad_json", False
                         except Invalid as bad:
@@ -188,3 +191,18 @@ class JsonClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def client_for(options: Any, seed: int) -> JsonClient:
+    """A client for a ``RemoteOptions``: the API key is read from its environment variable here and
+    lives only in the client's headers."""
+    key = os.environ.get(options.api_key_env)
+    return JsonClient(
+        base_url=options.base_url.rstrip("/"),
+        headers={"Authorization": f"Bearer {key}"} if key else {},
+        timeout_s=options.timeout_s,
+        policy=RetryPolicy(max_attempts=options.max_attempts, backoff_base_s=options.backoff_base_s,
+                           backoff_max_s=options.backoff_max_s),
+        window=AdaptiveWindow(options.concurrency, options.max_concurrency),
+        seed=seed,
+    )

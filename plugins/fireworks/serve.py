@@ -1,12 +1,15 @@
-"""``distill-serve``: any registered teacher as a service, in the Fireworks completions dialect.
+"""``distill-serve``: any registered teacher (or the student) as a service, in the Fireworks dialect.
 
     distill-serve --model PATH [--backend hf] [--host 127.0.0.1] [--port 8000]
                   [--faults 429=0.05,500=0.05,reset=0.02,stall=0.01,truncate=0.02,corrupt=0.02]
 
-Serves ``POST /inference/v1/completions`` (token-id prompt, ``echo`` + ``logprobs`` +
-``top_logprobs``, ``max_tokens: 1``), ``GET /v1/models`` and ``GET /health``, so a custom teacher
-can run on another machine and a run points a ``fireworks`` teacher at it. ``--faults`` injects
-failures at the given rates (for testing clients); ``GET /faults`` reports what was injected.
+Serves ``POST /inference/v1/completions``: with ``echo`` it scores the token-id prompt (``logprobs``
++ ``top_logprobs``, ``max_tokens: 1``), so a custom teacher can run on another machine and a run
+points a ``fireworks`` teacher at it; without it, it samples ``n`` completions with ``raw_output``
+ids and both ``logprob`` and ``sampling_logprob``, so it can serve the student to a ``fireworks``
+sampler, which syncs weights through ``POST /distill/v1/load_weights {"path": FOLDER}``. Also
+``GET /v1/models`` and ``GET /health``. ``--faults`` injects failures at the given rates (for
+testing clients); ``GET /faults`` reports what was injected.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from distill.plugins.hf.generation import generate
 from distill.types import ScoreRequest
 
 __all__ = ["FaultPlan", "build_app", "main"]
@@ -81,13 +87,76 @@ async def _echo_body(teacher: Any, tokenizer: Any, sequence: Sequence[int], top_
                          "raw_output": {"prompt_token_ids": list(sequence), "completion_token_ids": generated}}]}
 
 
+def _special_ids(model: Any) -> tuple[int, int]:
+    eos = model.generation_config.eos_token_id or model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    return eos, model.config.pad_token_id if model.config.pad_token_id is not None else eos
+
+
+def _sample_body(model: Any, tokenizer: Any, prompt: list[int], sampling: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """``n`` completions as the Fireworks API returns them with ``raw_output`` and ``logprobs``."""
+    eos, pad = _special_ids(model)
+    outputs = generate(model, [prompt] * sampling["n"], max_new_tokens=sampling["max_tokens"], eos_id=eos,
+                       pad_id=pad, temperature=sampling["temperature"] or 1.0, top_k=sampling["top_k"],
+                       top_p=sampling["top_p"], greedy=sampling["temperature"] == 0,
+                       generator=torch.Generator().manual_seed(sampling["seed"]))
+
+    def token(i: int) -> str:
+        return tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else str(i)
+
+    choices = []
+    for index, out in enumerate(outputs):
+        ids = out.ids_C.tolist()
+        content = [{"token": token(i), "token_id": i, "logprob": float(lp), "sampling_logprob": float(slp),
+                    "top_logprobs": []}
+                   for i, lp, slp in zip(ids, out.model_logprobs_C.tolist(), out.sampling_logprobs_C.tolist(), strict=True)]
+        choices.append({"index": index, "text": "", "finish_reason": "stop" if out.finished else "length",
+                        "logprobs": {"content": content},
+                        "raw_output": {"prompt_token_ids": prompt, "completion_token_ids": ids}})
+    return {"object": "text_completion", "model": model_name, "choices": choices}
+
+
+def _sampling_settings(body: dict[str, Any]) -> dict[str, Any] | str:
+    """The sampling fields of a request, or what is wrong with them."""
+    settings = {"n": body.get("n", 1), "max_tokens": body.get("max_tokens", 16), "top_k": body.get("top_k", 0),
+                "seed": body.get("seed", 0), "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0)}
+    for name in ("n", "max_tokens", "top_k", "seed"):
+        if not isinstance(settings[name], int) or isinstance(settings[name], bool) or settings[name] < 0:
+            return f"{name} must be a non-negative integer"
+    if not 1 <= settings["n"] <= 128 or settings["max_tokens"] < 1:
+        return "n must be in [1, 128] and max_tokens at least 1"
+    if not isinstance(settings["temperature"], (int, float)) or not 0 <= settings["temperature"] <= 100:
+        return "temperature must be in [0, 100]"
+    if not isinstance(settings["top_p"], (int, float)) or not 0 < settings["top_p"] <= 1:
+        return "top_p must be in (0, 1]"
+    return settings
+
+
+def _load_weights(model: Any, folder: Path) -> None:
+    """Load every ``*.safetensors`` in ``folder`` into ``model`` in place; a tied head may be absent."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors file in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"weights do not fit the model: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")
+
+
 def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan | None = None) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    lock = asyncio.Lock()  # one scoring pass at a time, as a single local model serves them
+    lock = asyncio.Lock()  # one pass at a time, as a single local model serves them
+    model = getattr(teacher, "model", None)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message}}, status_code=status)
@@ -98,15 +167,28 @@ def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan |
         except ValueError:
             return error(400, "body is not JSON")
         prompt = body.get("prompt")
-        if not isinstance(prompt, list) or len(prompt) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return error(400, "prompt must be a list of at least two token ids")
-        if not body.get("echo") or not body.get("logprobs"):
-            return error(400, "this server scores prompts: send echo: true and logprobs: true")
-        top_k = body.get("top_logprobs") or 0
-        if not isinstance(top_k, int) or not 0 <= top_k <= 5:
-            return error(400, "top_logprobs must be an integer between 0 and 5")
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return error(400, "prompt must be a non-empty list of token ids")
         if tokenizer is not None and any(not 0 <= t < len(tokenizer) for t in prompt):
             return error(400, f"token ids must be in [0, {len(tokenizer)})")
+        if not body.get("logprobs"):
+            return error(400, "send logprobs: true (this server answers with token ids and logprobs)")
+        if body.get("echo"):
+            top_k = body.get("top_logprobs") or 0
+            if len(prompt) < 2:
+                return error(400, "scoring needs a prompt of at least two token ids")
+            if not isinstance(top_k, int) or not 0 <= top_k <= 5:
+                return error(400, "top_logprobs must be an integer between 0 and 5")
+            def work() -> Any:
+                return _echo_body(teacher, tokenizer, prompt, top_k, model_name)
+        else:
+            sampling = _sampling_settings(body)
+            if isinstance(sampling, str):
+                return error(400, sampling)
+            if model is None:
+                return error(400, "this backend scores only: it has no model to sample from")
+            def work() -> Any:
+                return asyncio.to_thread(_sample_body, model, tokenizer, prompt, sampling, model_name)
         fault = faults.draw() if faults else None
         if fault == "429":
             return Response(status_code=429, headers={"Retry-After": "0.05"})
@@ -115,15 +197,29 @@ def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan |
         if fault == "stall":
             await asyncio.sleep(faults.stall_s)
         async with lock:
-            result = await _echo_body(teacher, tokenizer, prompt, top_k, model_name)
+            result = await work()
         if fault == "corrupt":
-            result["choices"][0]["logprobs"]["content"][-2]["logprob"] = None
+            result["choices"][0]["logprobs"]["content"][-2 if body.get("echo") else -1]["logprob"] = None
         payload = json.dumps(result).encode()
         if fault == "truncate":
             return Response(payload[: len(payload) // 2], media_type="application/json")
         if fault == "reset":
             return _Reset()
         return Response(payload, media_type="application/json")
+
+    async def load_weights(request: Request) -> Any:
+        try:
+            folder = Path((await request.json())["path"])
+        except (ValueError, KeyError, TypeError):
+            return error(400, 'send {"path": FOLDER}')
+        if model is None:
+            return error(400, "this backend has no model to load weights into")
+        async with lock:
+            try:
+                await asyncio.to_thread(_load_weights, model, folder)
+            except (OSError, ValueError, RuntimeError) as failed:
+                return error(422, f"cannot load weights from {folder}: {failed}")
+        return JSONResponse({"status": "loaded"})
 
     async def models(request: Request) -> Any:
         return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model"}]})
@@ -136,6 +232,7 @@ def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan |
 
     return Starlette(routes=[
         Route("/inference/v1/completions", completions, methods=["POST"]),
+        Route("/distill/v1/load_weights", load_weights, methods=["POST"]),
         Route("/v1/models", models),
         Route("/health", health),
         Route("/faults", injected),

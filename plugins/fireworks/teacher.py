@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from distill import BuildContext, ScoreRequest, TeacherScores
 from distill.errors import DistillError
-from distill.plugins.fireworks.client import AdaptiveWindow, Invalid, JsonClient, RequestFailed, RetryPolicy
+from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for
 from distill.types import ScoreFailure
 
 __all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs"]
@@ -111,20 +110,7 @@ class RemoteTeacher:
 
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
-        headers = {}
-        key = os.environ.get(options.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        client = JsonClient(
-            base_url=options.base_url.rstrip("/"),
-            headers=headers,
-            timeout_s=options.timeout_s,
-            policy=RetryPolicy(max_attempts=options.max_attempts, backoff_base_s=options.backoff_base_s,
-                               backoff_max_s=options.backoff_max_s),
-            window=AdaptiveWindow(options.concurrency, options.max_concurrency),
-            seed=context.seed,
-        )
-        return cls(client, model=options.model, dialect=options.dialect,
+        return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect,
                    max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size)
 
     def vocabulary(self) -> Mapping[str, int] | None:

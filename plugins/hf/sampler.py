@@ -62,6 +62,6 @@ class HFSampler:
         """Greedy completions (used by evaluation)."""
         return greedy_complete(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, self.batch_size)
 
-    def sync_weights(self, step: int) -> None:
+    async def sync_weights(self, step: int) -> None:
         """Nothing to do: this sampler reads the trainer's parameters directly."""
 

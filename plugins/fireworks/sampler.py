@@ -1,0 +1,295 @@
+"""The student on a completions server: it samples there, trains here, and takes the new weights
+after every step.
+
+Strict on-policy over HTTP. After each optimizer step the trainer's weights are written to a folder
+the server reads and the server reloads them; then a probe sequence is scored on both sides, and a
+server that answers with other logprobs than the trainer's (a reload that silently failed, a stale
+tied head) stops the run, rather than letting it train on another policy's samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from distill import BuildContext, PromptRow, Rollout, SamplingParams
+from distill.errors import ConfigError, DistillError
+from distill.modeling import final_hidden_states, head_weight
+from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for
+from distill.plugins.fireworks.teacher import parse_fireworks_echo, parse_vllm_prompt_logprobs
+
+__all__ = ["RemoteSampler", "Sample", "parse_fireworks_samples", "parse_vllm_samples", "write_weights"]
+
+PROBE_LENGTH = 16
+SYNC_HINTS = {
+    "vllm": "start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
+    "distill-serve": "point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
+}
+STALE_HINTS = {
+    "vllm": ("vLLM (0.32) keeps a tied lm_head stale when it reloads in place: start it from an untied "
+             "copy of the student (python -m distill.plugins.fireworks.untie STUDENT DIR)"),
+    "distill-serve": "check that the server reads the folder the trainer writes (server_weights_dir)",
+}
+
+
+@attrs.frozen
+class Sample:
+    """One parsed completion: ids, behaviour and raw logprobs, and whether it ended with EOS."""
+
+    ids: list[int]
+    sampling_logprobs: list[float]
+    model_logprobs: list[float]
+    finished: bool
+
+
+def _finite(value: Any, reason: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise Invalid(reason)
+    return float(value)
+
+
+def _choices(body: Any, n: int) -> list[Any]:
+    choices = sorted(body["choices"], key=lambda choice: choice["index"])
+    if [c["index"] for c in choices] != list(range(n)):
+        raise Invalid("missing_choices")
+    return choices
+
+
+def _checked(ids: Any, max_tokens: int) -> list[int]:
+    if not isinstance(ids, list) or not 1 <= len(ids) <= max_tokens:
+        raise Invalid("bad_length")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise Invalid("bad_token_id")
+    return ids
+
+
+def parse_fireworks_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
+    """Ids from ``raw_output.completion_token_ids``; ``content[i]`` must carry the same ``token_id``
+    with a finite ``logprob`` (raw model) and ``sampling_logprob`` (after temperature and filters)."""
+    try:
+        samples = []
+        for choice in _choices(body, n):
+            ids = _checked(choice["raw_output"]["completion_token_ids"], max_tokens)
+            content = choice["logprobs"]["content"]
+            if len(content) != len(ids) or any(e["token_id"] != i for e, i in zip(content, ids, strict=True)):
+                raise Invalid("ids_mismatch")
+            samples.append(Sample(
+                ids,
+                [_finite(e["sampling_logprob"], "non_finite_logprob") for e in content],
+                [_finite(e["logprob"], "non_finite_logprob") for e in content],
+                choice["finish_reason"] == "stop",
+            ))
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise Invalid("malformed") from None
+    return samples
+
+
+def parse_vllm_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
+    """Ids from ``token_ids`` (``return_token_ids``), one finite logprob per id; vLLM returns raw
+    model logprobs, which are the behaviour policy's at temperature 1 with no filters (checked at
+    config time)."""
+    try:
+        samples = []
+        for choice in _choices(body, n):
+            ids = _checked(choice["token_ids"], max_tokens)
+            logprobs = choice["logprobs"]["token_logprobs"]
+            if len(logprobs) != len(ids):
+                raise Invalid("ids_mismatch")
+            values = [_finite(lp, "non_finite_logprob") for lp in logprobs]
+            samples.append(Sample(ids, values, values, choice["finish_reason"] == "stop"))
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise Invalid("malformed") from None
+    return samples
+
+
+def write_weights(model: Any, folder: Path) -> None:
+    """Write every parameter, a tied head under its own name too, as ``model.safetensors``, atomically
+    (a server reading the folder sees the old file or the new one, never half of one)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu()
+        tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
+        seen.add(tensor.data_ptr())
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / "model.safetensors.partial"
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, folder / "model.safetensors")
+
+
+def _first_choice_logprobs(body: Any, sequence: Sequence[int]) -> Any:
+    try:
+        choice = body["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        raise Invalid("malformed") from None
+    return parse_vllm_prompt_logprobs(choice, sequence, 1, 0)
+
+
+@torch.no_grad()
+def _local_logprobs(model: Any, ids: Sequence[int]) -> torch.Tensor:
+    """The trainer's logprob of ``ids[1:]``, each given the ids before it."""
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids = torch.tensor([list(ids)], device=model.device)
+        hidden = final_hidden_states(model, input_ids, torch.ones_like(input_ids))[0, :-1]
+        logits = hidden.float() @ head_weight(model).float().T
+        return logits.log_softmax(-1).gather(1, input_ids[0, 1:, None]).squeeze(1).cpu()
+    finally:
+        model.train(was_training)
+
+
+class RemoteSampler:
+    """One request per prompt (``n`` completions, its own seed); concurrency bounded by the client's
+    AIMD window. A request that keeps failing stops the run: a step cannot train on missing rows'
+    samples without changing what it trains on."""
+
+    def __init__(
+        self,
+        client: JsonClient,
+        *,
+        model: str,
+        dialect: str,
+        student: Any,
+        sync: str,
+        weights_dir: Path,
+        server_weights_dir: str,
+        sync_tolerance: float,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.dialect = dialect
+        self.student = student
+        self.sync = sync
+        self.weights_dir = weights_dir
+        self.server_weights_dir = server_weights_dir
+        self.sync_tolerance = sync_tolerance
+        vocab = student.get_output_embeddings().weight.shape[0]
+        self.probe = [(7 * i + 3) % vocab for i in range(PROBE_LENGTH)]
+        self.syncs = 0
+        self.sync_s = 0.0
+        self.sync_gap = 0.0
+
+    @classmethod
+    def build(cls, options: Any, context: BuildContext) -> RemoteSampler:
+        if context.student is None:
+            raise ConfigError(["sampler 'fireworks' syncs the trainer's student, none is loaded @ sampler.backend"])
+        weights_dir = Path(options.weights_dir) if options.weights_dir else context.output_dir / "sampler_weights"
+        return cls(
+            client_for(options, context.seed),
+            model=options.model,
+            dialect=options.dialect,
+            student=context.student,
+            sync=options.sync_kind,
+            weights_dir=weights_dir.resolve(),
+            server_weights_dir=options.server_weights_dir or str(weights_dir.resolve()),
+            sync_tolerance=options.sync_tolerance,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def counters(self) -> dict[str, Any]:
+        return {"failed_attempts": dict(self.client.failed_attempts), "window": self.client.window.limit,
+                "syncs": self.syncs, "sync_s": round(self.sync_s, 3), "sync_max_gap": self.sync_gap}
+
+    async def _post(self, path: str, body: dict[str, Any] | None, parse: Any = None) -> Any:
+        try:
+            return await self.client.post(path, body, parse)
+        except RequestFailed as failed:
+            raise DistillError(
+                f"The student's server {self.model!r} failed: {failed}. The last checkpoint is intact: "
+                f"fix the server and rerun to resume."
+            ) from None
+
+    def _body(self, prompt: Sequence[int], n: int, max_tokens: int, temperature: float, top_k: int,
+              top_p: float, seed: int) -> dict[str, Any]:
+        body = {"model": self.model, "prompt": list(prompt), "max_tokens": max_tokens, "n": n,
+                "temperature": temperature, "top_p": top_p, "seed": seed}
+        if self.dialect == "fireworks":
+            return {**body, "top_k": top_k, "logprobs": True, "raw_output": True}
+        return {**body, "top_k": top_k or -1, "logprobs": 0, "return_token_ids": True}
+
+    async def _sample_one(self, prompt: Sequence[int], params: SamplingParams, seed: int,
+                          temperature: float | None = None) -> list[Sample]:
+        temperature = params.temperature if temperature is None else temperature
+        body = self._body(prompt, params.n, params.max_new_tokens, temperature, params.top_k, params.top_p, seed)
+        parse = parse_fireworks_samples if self.dialect == "fireworks" else parse_vllm_samples
+        return await self._post(self._path, body, lambda reply: parse(reply, params.n, params.max_new_tokens))
+
+    @property
+    def _path(self) -> str:
+        return "/inference/v1/completions" if self.dialect == "fireworks" else "/v1/completions"
+
+    async def sample(self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int) -> list[Rollout]:
+        seeds = random.Random(seed)
+        requests = [self._sample_one(row.prompt_ids, params, seeds.getrandbits(31)) for row in rows]
+        results = await asyncio.gather(*requests)
+        return [
+            Rollout(
+                row=row,
+                completion_ids_C=torch.tensor(s.ids, dtype=torch.long),
+                sampling_logprobs_C=torch.tensor(s.sampling_logprobs),
+                model_logprobs_C=torch.tensor(s.model_logprobs),
+                finished=s.finished,
+            )
+            for row, samples in zip(rows, results, strict=True)
+            for s in samples
+        ]
+
+    async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completions (temperature 0), used by evaluation."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, n=1)
+        results = await asyncio.gather(*(self._sample_one(p, params, 0, temperature=0.0) for p in prompts))
+        return [samples[0].ids for samples in results]
+
+    async def sync_weights(self, step: int) -> None:
+        """Write the weights, have the server reload them, and check it now answers as the trainer."""
+        if self.sync == "none":
+            return
+        started = time.perf_counter()
+        await asyncio.to_thread(write_weights, self.student, self.weights_dir)
+        try:
+            if self.sync == "vllm":
+                await self.client.post("/collective_rpc", {"method": "reload_weights",
+                                                          "kwargs": {"weights_path": self.server_weights_dir}})
+                await self.client.post("/reset_prefix_cache", None)
+            else:
+                await self.client.post("/distill/v1/load_weights", {"path": self.server_weights_dir})
+        except RequestFailed as failed:
+            raise DistillError(f"Weight sync to {self.model!r} failed: {failed}; {SYNC_HINTS[self.sync]}.") from None
+        if self.sync_tolerance:
+            await self._check_sync(step)
+        self.syncs += 1
+        self.sync_s += time.perf_counter() - started
+
+    async def _check_sync(self, step: int) -> None:
+        probe = self.probe
+        if self.dialect == "fireworks":
+            body = {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0,
+                    "echo": True, "logprobs": True, "raw_output": True}
+            scores = await self._post(self._path, body, lambda reply: parse_fireworks_echo(reply, probe, 1, 0))
+        else:
+            body = {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0,
+                    "prompt_logprobs": 0, "return_token_ids": True}
+            scores = await self._post(self._path, body, lambda reply: _first_choice_logprobs(reply, probe))
+        local = await asyncio.to_thread(_local_logprobs, self.student, probe)
+        gap = float((scores.logprobs_C - local).abs().max())
+        self.sync_gap = max(self.sync_gap, gap)
+        if gap > self.sync_tolerance:
+            raise DistillError(
+                f"After the weight sync at step {step} the student's server answers logprobs up to {gap:.3g} "
+                f"away from the trainer's (sync_tolerance {self.sync_tolerance:g}): it is not serving the "
+                f"trained weights. {STALE_HINTS[self.sync]}; a bf16 server needs a larger sync_tolerance."
+            )

@@ -1,0 +1,211 @@
+"""The remote student sampler against a real distill-serve on 127.0.0.1: samples, weight sync, faults."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill.config import parse_config
+from distill.errors import ConfigError, DistillError
+from distill.loop import run
+from distill.plugins.fireworks import RemoteSamplerOptions
+from distill.plugins.fireworks.client import Invalid
+from distill.plugins.fireworks.sampler import RemoteSampler, parse_fireworks_samples, parse_vllm_samples
+from distill.types import BuildContext, PromptRow, SamplingParams
+
+from .test_fireworks import _serve
+
+PROMPTS = [(2, 30, 31, 5, 3), (2, 33, 5, 3), (4, 40, 41, 42, 43, 5, 2, 33, 5, 3), (2, 34, 35, 5, 3)]
+ROWS = [PromptRow(index=i + 1, messages=(), prompt_ids=p) for i, p in enumerate(PROMPTS)]
+
+
+@pytest.fixture
+def student_server(tiny_models):
+    proc, base = _serve(tiny_models["student"])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _sampler(base, student, tmp_path, **options):
+    opts = RemoteSamplerOptions(base_url=base, model="tiny", backoff_base_s=0.01, **options)
+    return RemoteSampler.build(opts, BuildContext(run_config=None, output_dir=tmp_path, seed=0, device="cpu",
+                                                  student=student))
+
+
+@torch.no_grad()
+def _local(model, prompt, completion, temperature=1.0):
+    """The local model's raw and tempered logprobs of ``completion`` after ``prompt``."""
+    ids = torch.tensor([[*prompt, *completion]])
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    target = ids[0, len(prompt):, None]
+    return (logits.log_softmax(-1).gather(1, target).squeeze(1),
+            (logits / temperature).log_softmax(-1).gather(1, target).squeeze(1))
+
+
+def test_samples_carry_the_servers_raw_and_behaviour_logprobs_exactly(student_server, tiny_models, tmp_path):
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, n=3)
+
+    async def scenario():
+        sampler = _sampler(student_server, student, tmp_path)
+        try:
+            return (await sampler.sample(ROWS, params, seed=11), await sampler.sample(ROWS, params, seed=11),
+                    await sampler.sample(ROWS, params, seed=12), await sampler.complete(PROMPTS, max_new_tokens=5))
+        finally:
+            await sampler.aclose()
+
+    rollouts, again, other, greedy = asyncio.run(scenario())
+    assert [r.row.index for r in rollouts] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    for rollout in rollouts:
+        raw, tempered = _local(student, rollout.prompt_ids, rollout.completion_ids_C.tolist(), 0.7)
+        torch.testing.assert_close(rollout.model_logprobs_C, raw, atol=1e-4, rtol=0)
+        torch.testing.assert_close(rollout.sampling_logprobs_C, tempered, atol=1e-4, rtol=0)
+        assert rollout.finished == (rollout.completion_ids_C[-1].item() == 1)
+    assert [r.completion_ids_C.tolist() for r in again] == [r.completion_ids_C.tolist() for r in rollouts]
+    assert [r.completion_ids_C.tolist() for r in other] != [r.completion_ids_C.tolist() for r in rollouts]
+    for prompt, ids in zip(PROMPTS, greedy, strict=True):
+        with torch.no_grad():
+            assert ids[0] == int(student(torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+def test_weight_sync_serves_the_trained_weights_and_a_stale_server_is_caught(student_server, tiny_models, tmp_path):
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+
+    async def scenario():
+        sampler = _sampler(student_server, student, tmp_path)
+        try:
+            await sampler.sync_weights(0)
+            with torch.no_grad():  # as a training step would
+                for parameter in student.parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+            with pytest.raises(DistillError, match="not serving the trained weights"):
+                await sampler._check_sync(1)  # the server still holds the step-0 weights
+            await sampler.sync_weights(1)
+            return sampler.counters(), await sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seed=0)
+        finally:
+            await sampler.aclose()
+
+    counters, rollouts = asyncio.run(scenario())
+    assert counters["syncs"] == 2 and counters["sync_max_gap"] > 1e-2
+    for rollout in rollouts:
+        raw, _ = _local(student, rollout.prompt_ids, rollout.completion_ids_C.tolist())
+        torch.testing.assert_close(rollout.model_logprobs_C, raw, atol=1e-4, rtol=0)
+
+
+def test_sync_fails_with_a_hint_when_the_server_cannot_load_weights(tiny_models, tmp_path):
+    proc, base = _serve(tiny_models["student"])
+    try:
+        sampler = _sampler(base, AutoModelForCausalLM.from_pretrained(tiny_models["student"]), tmp_path,
+                           server_weights_dir=str(tmp_path / "elsewhere"))
+        with pytest.raises(DistillError, match=r"Weight sync to 'tiny' failed: /distill/v1/load_weights answered 422: cannot load weights from .*elsewhere"):
+            asyncio.run(sampler.sync_weights(0))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_injected_faults_on_sampling_are_retried_and_counted_exactly(tiny_models, tmp_path):
+    proc, base = _serve(tiny_models["student"], "--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
+                        "--fault-seed", "5", "--stall-s", "6")
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    try:
+        sampler = _sampler(base, student, tmp_path, timeout_s=3, max_attempts=12)
+        rollouts = asyncio.run(sampler.sample(ROWS * 6, SamplingParams(max_new_tokens=6, n=2), seed=3))
+        injected = httpx.get(f"{base}/faults").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert sum(injected.values()) > 5 and len(rollouts) == 48
+    counts = sampler.counters()["failed_attempts"]
+    by_kind = {"429": counts.get("http_429", 0), "500": counts.get("http_500", 0), "stall": counts.get("timeout", 0),
+               "truncate": counts.get("bad_json", 0), "corrupt": counts.get("invalid:non_finite_logprob", 0),
+               "reset": sum(v for k, v in counts.items() if k.startswith("transport:"))}
+    assert by_kind == {kind: injected.get(kind, 0) for kind in by_kind}
+    for rollout in rollouts:  # every accepted sample is exactly what the model gives
+        raw, _ = _local(student, rollout.prompt_ids, rollout.completion_ids_C.tolist())
+        torch.testing.assert_close(rollout.model_logprobs_C, raw, atol=1e-4, rtol=0)
+
+
+def test_a_student_server_that_stays_down_stops_the_run_with_a_clear_message(tiny_models, tmp_path):
+    from .test_fireworks import _free_port
+
+    sampler = _sampler(f"http://127.0.0.1:{_free_port()}", AutoModelForCausalLM.from_pretrained(tiny_models["student"]),
+                       tmp_path, max_attempts=2)
+    with pytest.raises(DistillError, match="student's server 'tiny' failed: .* The last checkpoint is intact"):
+        asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=4), seed=0))
+
+
+def _choice(index, ids, logprobs=None, sampling=None, finish="stop"):
+    logprobs = logprobs or [-0.5] * len(ids)
+    sampling = sampling or logprobs
+    return {"index": index, "finish_reason": finish, "raw_output": {"completion_token_ids": ids},
+            "logprobs": {"content": [{"token_id": i, "logprob": lp, "sampling_logprob": s}
+                                     for i, lp, s in zip(ids, logprobs, sampling, strict=True)]}}
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"choices": [_choice(0, [5, 6])]}, "missing_choices"),
+    ({"choices": [_choice(0, [5, 6]), _choice(1, [])]}, "bad_length"),
+    ({"choices": [_choice(0, [5, 6]), _choice(1, [5, 6, 7, 8, 9])]}, "bad_length"),
+    ({"choices": [_choice(0, [5, 6]), _choice(1, [5, 6], sampling=[-0.1, float("nan")])]}, "non_finite_logprob"),
+    ({"choices": [_choice(0, [5, 6]), {**_choice(1, [5, 6]), "raw_output": {"completion_token_ids": [5, 7]}}]}, "ids_mismatch"),
+    ({"choices": [_choice(0, [5, 6]), {"index": 1}]}, "malformed"),
+])
+def test_fireworks_samples_that_do_not_line_up_are_rejected(body, reason):
+    with pytest.raises(Invalid) as caught:
+        parse_fireworks_samples(body, n=2, max_tokens=4)
+    assert caught.value.reason == reason
+
+
+def test_sample_parsers_read_ids_logprobs_and_finish():
+    (sample,) = parse_fireworks_samples({"choices": [_choice(0, [5, 1], [-0.5, -0.25], [-0.4, -0.2])]}, 1, 4)
+    assert (sample.ids, sample.model_logprobs, sample.sampling_logprobs, sample.finished) == ([5, 1], [-0.5, -0.25], [-0.4, -0.2], True)
+    body = {"choices": [{"index": 0, "token_ids": [5, 6], "finish_reason": "length",
+                         "logprobs": {"token_logprobs": [-0.5, -1.5]}}]}
+    (sample,) = parse_vllm_samples(body, 1, 2)
+    assert (sample.ids, sample.sampling_logprobs, sample.finished) == ([5, 6], [-0.5, -1.5], False)
+    body["choices"][0]["logprobs"]["token_logprobs"] = [-0.5]
+    with pytest.raises(Invalid, match="ids_mismatch"):
+        parse_vllm_samples(body, 1, 2)
+
+
+def test_the_vllm_dialect_needs_unfiltered_temperature_one_sampling(manager, tiny_models, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
+    base = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
+            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+            "sampler": {"backend": "fireworks", "dialect": "vllm", "base_url": "http://127.0.0.1:1", "model": "s"}}
+    with pytest.raises(ConfigError, match=r"returns raw logprobs only.*@ sampling"):
+        parse_config({**base, "sampling": {"temperature": 0.7}}, manager, source=str(tmp_path / "run.toml"))
+    parse_config({**base, "sampling": {"temperature": 1.0}}, manager, source=str(tmp_path / "run.toml"))
+
+
+def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_server(tiny_models, tmp_path, manager):
+    from tests.conftest import write_jsonl
+
+    proc, base = _serve(tiny_models["student"])
+    try:
+        write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
+        config = {
+            "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
+            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+            "sampler": {"backend": "fireworks", "base_url": base, "model": "tiny"},
+            "data": {"train": str(tmp_path / "train.jsonl")}, "sampling": {"max_new_tokens": 6},
+            "train": {"steps": 4, "prompt_groups_per_step": 3, "completions_per_prompt": 2, "learning_rate": 1e-2},
+            "checkpoint": {"every_steps": 2},
+        }
+        summary = run(parse_config(config, manager, source=str(tmp_path / "run.toml")), manager, progress=False)
+        assert summary["sampler"]["syncs"] == 5 and summary["sampler"]["sync_max_gap"] < 1e-4
+        assert summary["tokens"] > 0 and summary["time_s"]["weight_sync"] > 0
+        # the server drifts back to the base weights; a resumed run must first put the trained ones back
+        httpx.post(f"{base}/distill/v1/load_weights", json={"path": str(tiny_models["student"])}).raise_for_status()
+        config["train"]["steps"] = 6
+        summary = run(parse_config(config, manager, source=str(tmp_path / "run.toml")), manager, progress=False)
+        assert summary["resumed_from_step"] == 4
+        assert summary["sampler"]["syncs"] == 3 and summary["sampler"]["sync_max_gap"] < 1e-4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
