@@ -1,17 +1,20 @@
 """A resilient JSON-over-HTTP client: retries with jittered backoff, Retry-After, and an AIMD window.
 
 Retried: 408, 425, 429, 5xx, transport errors, timeouts, truncated or non-JSON bodies, and
-responses the caller rejects (``Invalid``); every failed attempt is counted by reason. Not retried: 400, 401, 403, 404, 422 — the server's
-message is raised at once. The concurrency window grows by one request per window of successes
-and halves on overload (429, 5xx, timeouts), so a client settles near what the server sustains.
+responses the caller rejects (``Invalid``); every failed attempt is counted by reason. Not retried:
+400, 401, 403, 404, 422 — the server's message is raised at once. The concurrency window halves on
+overload (429, 5xx, timeouts) and otherwise steers by latency, so a client settles near what the
+server sustains even when it queues instead of refusing (as vLLM does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -59,20 +62,35 @@ class RetryPolicy:
 
 
 class AdaptiveWindow:
-    """An AIMD concurrency limit: +1 per window of successes, halved on overload.
+    """A concurrency limit that halves on overload and otherwise steers by latency (TCP Vegas).
+
+    ``queued = limit · (1 − floor / latency)`` estimates how many of our requests wait at the server
+    beyond what it serves at its no-load latency ``floor`` (the least latency seen, Vegas' base
+    RTT). Below ``low`` the limit grows by one per window of successes, above ``high`` it shrinks in
+    proportion to the excess, so it settles where more concurrency only adds waiting. A server that
+    refuses (429) or fails (5xx, timeouts) halves it at once. The first request goes alone, so the
+    floor is measured unloaded, and the floor is never raised: re-learning it while requests queue
+    would mistake the queueing for the server's speed and let the window creep up.
 
     Waiters queue first-in first-out and a released slot is handed to exactly one of them, so the
     cost per request stays constant however long the queue (a Condition woke every waiter).
     """
 
+    low, high = 2.0, 4.0
+
     def __init__(self, initial: int, maximum: int) -> None:
         self.limit = float(max(1, min(initial, maximum)))
         self.maximum = maximum
         self.in_flight = 0
+        self.floor = math.inf
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    @property
+    def _open(self) -> int:
+        return int(self.limit) if self.floor < math.inf else 1
+
     async def __aenter__(self) -> AdaptiveWindow:
-        if not self._waiters and self.in_flight < int(self.limit):
+        if not self._waiters and self.in_flight < self._open:
             self.in_flight += 1
             return self
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -95,14 +113,19 @@ class AdaptiveWindow:
         self._admit()
 
     def _admit(self) -> None:
-        while self._waiters and self.in_flight < int(self.limit):
+        while self._waiters and self.in_flight < self._open:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1
                 waiter.set_result(None)
 
-    def success(self) -> None:
-        self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+    def success(self, latency_s: float) -> None:
+        self.floor = min(self.floor, latency_s)
+        queued = self.limit * (1.0 - self.floor / latency_s) if latency_s > 0 else 0.0
+        if queued < self.low:
+            self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
+        elif queued > self.high:
+            self.limit = max(1.0, self.limit - (queued - self.high) / self.limit)
         self._admit()
 
     def overload(self) -> None:
@@ -153,6 +176,7 @@ class JsonClient:
         for attempt in range(self.policy.max_attempts):
             retry_after = None
             async with self.window:
+                started = time.perf_counter()
                 try:
                     response = await self._http.post(path, json=body)
                 except httpx.TimeoutException:
@@ -169,7 +193,7 @@ class JsonClient:
                         except Invalid as bad:
                             last, overloaded = f"invalid:{bad.reason}", False
                         else:
-                            self.window.success()
+                            self.window.success(time.perf_counter() - started)
                             return result
                     elif status in RETRY_STATUS or status >= 500:
                         last, overloaded = f"http_{status}", status in OVERLOAD_STATUS or status >= 500

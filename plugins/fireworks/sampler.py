@@ -34,11 +34,6 @@ SYNC_HINTS = {
     "vllm": "start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
     "distill-serve": "point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
 }
-STALE_HINTS = {
-    "vllm": ("vLLM (0.32) keeps a tied lm_head stale when it reloads in place: start it from an untied "
-             "copy of the student (python -m distill.plugins.fireworks.untie STUDENT DIR)"),
-    "distill-serve": "check that the server reads the folder the trainer writes (server_weights_dir)",
-}
 
 
 @attrs.frozen
@@ -112,8 +107,11 @@ def parse_vllm_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
 
 
 def write_weights(model: Any, folder: Path) -> None:
-    """Write every parameter, a tied head under its own name too, as ``model.safetensors``, atomically
-    (a server reading the folder sees the old file or the new one, never half of one)."""
+    """Write every parameter as ``model.safetensors``, atomically (a server reading the folder sees
+    the old file or the new one, never half of one).
+
+    A tied head is written under its own name too: vLLM (0.32) reloading in place from a folder
+    without ``lm_head.weight`` (as ``save_pretrained`` writes tied models) serves wrong logprobs."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -291,5 +289,7 @@ class RemoteSampler:
             raise DistillError(
                 f"After the weight sync at step {step} the student's server answers logprobs up to {gap:.3g} "
                 f"away from the trainer's (sync_tolerance {self.sync_tolerance:g}): it is not serving the "
-                f"trained weights. {STALE_HINTS[self.sync]}; a bf16 server needs a larger sync_tolerance."
+                f"trained weights. Check that it reads the folder the trainer writes ({self.weights_dir}; "
+                f"set server_weights_dir to that folder as the server sees it); a bf16 server needs a "
+                f"larger sync_tolerance."
             )

@@ -206,16 +206,21 @@ def test_adaptive_window_bounds_concurrency_admits_in_order_and_adapts():
                 await asyncio.sleep(0.01)
                 running -= 1
 
-        await asyncio.gather(*(job(i) for i in range(10)))
-        assert peak == 2 and order == list(range(10)) and window.in_flight == 0
+        await asyncio.gather(*(job(i) for i in range(3)))
+        assert peak == 1  # until a first success, requests go alone: the latency floor is measured unloaded
+        window.success(0.01)
+        await asyncio.gather(*(job(i) for i in range(3, 13)))
+        assert peak == 2 and order == list(range(13)) and window.in_flight == 0
+        window = AdaptiveWindow(initial=2, maximum=4)
         window.overload()
         assert window.limit == 1.0
         for _ in range(3):
-            window.success()
+            window.success(0.01)
         assert window.limit == pytest.approx(2.9)  # 1 -> 2 -> 2.5 -> 2.9: about +1 per window of successes
 
         # a waiter cancelled while queued gives up its place; the slot goes to the next in line
         window = AdaptiveWindow(initial=1, maximum=1)
+        window.success(0.01)
         await window.__aenter__()
         queued = asyncio.ensure_future(window.__aenter__())
         nxt = asyncio.ensure_future(window.__aenter__())
@@ -226,3 +231,19 @@ def test_adaptive_window_bounds_concurrency_admits_in_order_and_adapts():
         assert nxt.done() and window.in_flight == 1
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("capacity", [1, 4, 16])
+def test_adaptive_window_settles_where_a_queueing_server_saturates(capacity):
+    """A server that serves ``capacity`` requests at once and queues the rest (as vLLM does: no 429)
+    answers in 10 ms up to its capacity and proportionally slower above it: the window must settle
+    at the capacity plus the few queued requests the latency target allows, whatever it starts at."""
+    from distill.plugins.fireworks.client import AdaptiveWindow
+
+    for initial in (1, 64):
+        window = AdaptiveWindow(initial=initial, maximum=64)
+        window.success(0.01)  # the first request, alone
+        for _ in range(2000):
+            in_flight = int(window.limit)
+            window.success(0.01 * max(1.0, in_flight / capacity))
+        assert capacity + AdaptiveWindow.low - 1 <= window.limit <= capacity + AdaptiveWindow.high + 1, (initial, window.limit)
