@@ -77,7 +77,7 @@ def test_short_run_writes_metrics_summary_and_a_loadable_final_model(tmp_path, t
     assert summary["steps"] == 4
     assert summary["tokens"] == sum(line["completion_tokens"] for line in lines)
     assert summary["rows_skipped"] == {"invalid_json": 1, "malformed_messages": 1}
-    assert set(summary["time_s"]) == {"sampling", "teacher_scoring", "training", "eval", "checkpoint"}
+    assert set(summary["time_s"]) == {"sampling", "teacher_scoring", "training", "weight_sync", "eval", "checkpoint"}
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
     assert math.isfinite(summary["reverse_kl_before"]) and math.isfinite(summary["reverse_kl_after"])

@@ -209,3 +209,27 @@ def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_serv
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_cli_run_sampling_on_the_server_never_leaks_the_key(student_server, tiny_models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ..e2e.test_run import _write_config
+
+    path = _write_config(tmp_path, tiny_models, steps=2)
+    secret = "sk-test-sampler-0123456789"
+    sampler = f"sampler={{backend = 'fireworks', base_url = '{student_server}', model = 'tiny', api_key_env = 'MY_KEY'}}"
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(path), "--no-progress", "--set",
+                           f"output_dir='{tmp_path / 'out'}'", "--set", sampler],
+                          env={**os.environ, "MY_KEY": secret}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sampler"]["syncs"] == 3 and summary["sampler"]["sync_max_gap"] < 1e-4
+    assert secret not in proc.stdout + proc.stderr
+    files = [f for f in (tmp_path / "out").rglob("*") if f.is_file()]
+    assert any(f.parent.name == "sampler_weights" for f in files)
+    for file in files:
+        assert secret.encode() not in file.read_bytes(), file
