@@ -9,8 +9,7 @@ measurement. At each window these run interleaved (the order rotates every repet
 B C D A, ...), ``--reps`` times; the medians are reported:
 
 - ``remote_teacher`` b=1: ``RemoteTeacher.score`` with ``batch_size=1`` and a *fixed* window
-  (``concurrency = max_concurrency = window``; the AIMD limit grows only up to its maximum and
-  halves only on overload, which a healthy server never signals, so it stays at the window);
+  (``concurrency = max_concurrency = window``, ``adaptive_concurrency = false``);
 - ``bare_httpx`` b=1: an ``asyncio.Semaphore(window)`` around ``httpx.AsyncClient.post`` of the
   very same request bodies (checked against what RemoteTeacher sends), parsing JSON only;
 - the same two with ``batch_size=16`` (RemoteTeacher's default; 16 sequences per request, so 32
@@ -240,13 +239,13 @@ class Meter:
 # -- the two clients ---------------------------------------------------------------------------
 
 
-def _teacher(base_url: str, window: int, max_window: int, batch_size: int) -> Any:
+def _teacher(base_url: str, window: int, max_window: int, batch_size: int, adaptive: bool) -> Any:
     from distill.plugins.fireworks import RemoteTeacherOptions
     from distill.plugins.fireworks.teacher import RemoteTeacher
     from distill.types import BuildContext
 
     options = RemoteTeacherOptions(base_url=base_url, model=TEACHER, dialect="vllm", concurrency=window,
-                                   max_concurrency=max_window, batch_size=batch_size)
+                                   max_concurrency=max_window, batch_size=batch_size, adaptive_concurrency=adaptive)
     return RemoteTeacher.build(options, BuildContext(run_config=None, output_dir=Path("."), seed=0, device="cpu"))
 
 
@@ -261,7 +260,7 @@ async def _score(teacher: Any, requests: Sequence[Any]) -> None:
 
 async def measure_ours(base_url: str, requests: Sequence[Any], window: int, batch_size: int,
                        server_pid: int | None) -> Meter:
-    teacher = _teacher(base_url, window, window, batch_size)  # fixed: initial = max = window
+    teacher = _teacher(base_url, window, window, batch_size, adaptive=False)
     try:
         with Meter(server_pid) as meter:
             await _score(teacher, requests)
@@ -295,7 +294,7 @@ async def measure_bare(base_url: str, bodies: Sequence[dict[str, Any]], window: 
 
 async def check_same_bodies(base_url: str, requests: Sequence[Any], batch_size: int) -> None:
     """Record what RemoteTeacher sends and compare it with the bare loop's bodies (also a warm-up)."""
-    teacher = _teacher(base_url, 8, 8, batch_size)
+    teacher = _teacher(base_url, 8, 8, batch_size, adaptive=False)
     http = teacher.client._http
     sent: list[dict[str, Any]] = []
     post = http.post
@@ -380,7 +379,7 @@ async def run_benchmark(args: argparse.Namespace, base_url: str, server_pid: int
 
     adaptive: list[dict[str, Any]] = []
     for bs in (1, DEFAULT_BATCH):
-        teacher = _teacher(base_url, *ADAPTIVE, bs)
+        teacher = _teacher(base_url, *ADAPTIVE, bs, adaptive=True)
         trajectory, meters_a = [], []
         try:
             for _ in range(args.rounds):

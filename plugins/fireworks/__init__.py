@@ -36,6 +36,7 @@ class RemoteOptions:
     backoff_max_s: float = attrs.field(default=20.0, validator=[finite, positive])
     concurrency: int = attrs.field(default=8, validator=positive)
     max_concurrency: int = attrs.field(default=64, validator=positive)
+    adaptive_concurrency: bool = True
 
 
 @attrs.frozen(kw_only=True)

@@ -64,9 +64,9 @@ class RetryPolicy:
 class AdaptiveWindow:
     """A concurrency limit that halves on overload and otherwise steers by latency (TCP Vegas).
 
-    ``queued = limit · (1 − floor / latency)`` estimates how many of our requests wait at the server
-    beyond what it serves at its no-load latency ``floor`` (the least latency seen, Vegas' base
-    RTT). Below ``low`` the limit grows by one per window of successes, above ``high`` it shrinks in
+    ``queued = in_flight · (1 − floor / latency)`` estimates how many of the requests in flight with
+    one wait at the server beyond what it serves at its no-load latency ``floor`` (the least latency
+    seen, Vegas' base RTT). Below ``low`` the limit grows by one per window of successes, above ``high`` it shrinks in
     proportion to the excess, so it settles where more concurrency only adds waiting. A server that
     refuses (429) or fails (5xx, timeouts) halves it at once. The first request goes alone, so the
     floor is measured unloaded, and the floor is never raised: re-learning it while requests queue
@@ -78,16 +78,17 @@ class AdaptiveWindow:
 
     low, high = 2.0, 4.0
 
-    def __init__(self, initial: int, maximum: int) -> None:
+    def __init__(self, initial: int, maximum: int, adaptive: bool = True) -> None:
         self.limit = float(max(1, min(initial, maximum)))
         self.maximum = maximum
+        self.adaptive = adaptive
         self.in_flight = 0
         self.floor = math.inf
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def _open(self) -> int:
-        return int(self.limit) if self.floor < math.inf else 1
+        return int(self.limit) if self.floor < math.inf or not self.adaptive else 1
 
     async def __aenter__(self) -> AdaptiveWindow:
         if not self._waiters and self.in_flight < self._open:
@@ -119,9 +120,12 @@ class AdaptiveWindow:
                 self.in_flight += 1
                 waiter.set_result(None)
 
-    def success(self, latency_s: float) -> None:
+    def success(self, latency_s: float, in_flight: int = 1) -> None:
+        """A request answered in ``latency_s`` while ``in_flight`` requests (itself included) were out."""
+        if not self.adaptive:
+            return
         self.floor = min(self.floor, latency_s)
-        queued = self.limit * (1.0 - self.floor / latency_s) if latency_s > 0 else 0.0
+        queued = in_flight * (1.0 - self.floor / latency_s) if latency_s > 0 else 0.0
         if queued < self.low:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
         elif queued > self.high:
@@ -129,7 +133,8 @@ class AdaptiveWindow:
         self._admit()
 
     def overload(self) -> None:
-        self.limit = max(1.0, self.limit / 2)
+        if self.adaptive:
+            self.limit = max(1.0, self.limit / 2)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -176,7 +181,7 @@ class JsonClient:
         for attempt in range(self.policy.max_attempts):
             retry_after = None
             async with self.window:
-                started = time.perf_counter()
+                started, in_flight = time.perf_counter(), self.window.in_flight
                 try:
                     response = await self._http.post(path, json=body)
                 except httpx.TimeoutException:
@@ -193,7 +198,7 @@ class JsonClient:
                         except Invalid as bad:
                             last, overloaded = f"invalid:{bad.reason}", False
                         else:
-                            self.window.success(time.perf_counter() - started)
+                            self.window.success(time.perf_counter() - started, in_flight)
                             return result
                     elif status in RETRY_STATUS or status >= 500:
                         last, overloaded = f"http_{status}", status in OVERLOAD_STATUS or status >= 500
@@ -227,6 +232,6 @@ def client_for(options: Any, seed: int) -> JsonClient:
         timeout_s=options.timeout_s,
         policy=RetryPolicy(max_attempts=options.max_attempts, backoff_base_s=options.backoff_base_s,
                            backoff_max_s=options.backoff_max_s),
-        window=AdaptiveWindow(options.concurrency, options.max_concurrency),
+        window=AdaptiveWindow(options.concurrency, options.max_concurrency, options.adaptive_concurrency),
         seed=seed,
     )

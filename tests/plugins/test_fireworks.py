@@ -245,5 +245,5 @@ def test_adaptive_window_settles_where_a_queueing_server_saturates(capacity):
         window.success(0.01)  # the first request, alone
         for _ in range(2000):
             in_flight = int(window.limit)
-            window.success(0.01 * max(1.0, in_flight / capacity))
+            window.success(0.01 * max(1.0, in_flight / capacity), in_flight)
         assert capacity + AdaptiveWindow.low - 1 <= window.limit <= capacity + AdaptiveWindow.high + 1, (initial, window.limit)
