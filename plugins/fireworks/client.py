@@ -2,9 +2,9 @@
 
 Retried: 408, 425, 429, 5xx, transport errors, timeouts, truncated or non-JSON bodies, and
 responses the caller rejects (``Invalid``); every failed attempt is counted by reason. Not retried:
-400, 401, 403, 404, 422 — the server's message is raised at once. The concurrency window halves on
-overload (429, 5xx, timeouts) and otherwise steers by latency, so a client settles near what the
-server sustains even when it queues instead of refusing (as vLLM does).
+400, 401, 403, 404, 422 — the server's message is raised at once. The concurrency window grows
+while the server keeps up and halves on overload (429, 5xx, timeouts, replies slow enough to risk
+timeouts), so a client takes the throughput a server offers without tipping it over.
 """
 
 from __future__ import annotations
@@ -62,26 +62,24 @@ class RetryPolicy:
 
 
 class AdaptiveWindow:
-    """A concurrency limit that halves on overload and otherwise steers by latency (TCP Vegas).
+    """A concurrency limit for a training client: as much as the server takes, short of timeouts.
 
-    ``queued = in_flight · (1 − floor / latency)`` estimates how many of the requests in flight with
-    one wait at the server beyond what it serves at its no-load latency ``floor`` (the least latency
-    seen, Vegas' base RTT). Below ``low`` the limit grows by one per window of successes, above ``high`` it shrinks in
-    proportion to the excess, so it settles where more concurrency only adds waiting. A server that
-    refuses (429) or fails (5xx, timeouts) halves it at once. The first request goes alone, so the
-    floor is measured unloaded, and the floor is never raised: re-learning it while requests queue
-    would mistake the queueing for the server's speed and let the window creep up.
+    It grows by one request per window of successes up to ``maximum`` and halves on overload:
+    429, 5xx, a timeout, or a reply so slow that the next ones would risk timing out (slower than
+    ``slow_s`` and than twice the least latency seen, so it is queueing, not a long request). A
+    server that queues instead of refusing (vLLM) serves the same throughput beyond its saturation
+    point, so the window may sit above it; the slow-reply brake keeps that queue short of the
+    timeout. The first request goes alone, so the least latency is measured unloaded.
 
     Waiters queue first-in first-out and a released slot is handed to exactly one of them, so the
     cost per request stays constant however long the queue (a Condition woke every waiter).
     """
 
-    low, high = 2.0, 4.0
-
-    def __init__(self, initial: int, maximum: int, adaptive: bool = True) -> None:
+    def __init__(self, initial: int, maximum: int, adaptive: bool = True, slow_s: float = math.inf) -> None:
         self.limit = float(max(1, min(initial, maximum)))
         self.maximum = maximum
         self.adaptive = adaptive
+        self.slow_s = slow_s
         self.in_flight = 0
         self.floor = math.inf
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -120,16 +118,14 @@ class AdaptiveWindow:
                 self.in_flight += 1
                 waiter.set_result(None)
 
-    def success(self, latency_s: float, in_flight: int = 1) -> None:
-        """A request answered in ``latency_s`` while ``in_flight`` requests (itself included) were out."""
+    def success(self, latency_s: float) -> None:
         if not self.adaptive:
             return
         self.floor = min(self.floor, latency_s)
-        queued = in_flight * (1.0 - self.floor / latency_s) if latency_s > 0 else 0.0
-        if queued < self.low:
+        if latency_s > self.slow_s and latency_s > 2 * self.floor:
+            self.overload()
+        else:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
-        elif queued > self.high:
-            self.limit = max(1.0, self.limit - (queued - self.high) / self.limit)
         self._admit()
 
     def overload(self) -> None:
@@ -181,7 +177,7 @@ class JsonClient:
         for attempt in range(self.policy.max_attempts):
             retry_after = None
             async with self.window:
-                started, in_flight = time.perf_counter(), self.window.in_flight
+                started = time.perf_counter()
                 try:
                     response = await self._http.post(path, json=body)
                 except httpx.TimeoutException:
@@ -198,7 +194,7 @@ class JsonClient:
                         except Invalid as bad:
                             last, overloaded = f"invalid:{bad.reason}", False
                         else:
-                            self.window.success(time.perf_counter() - started, in_flight)
+                            self.window.success(time.perf_counter() - started)
                             return result
                     elif status in RETRY_STATUS or status >= 500:
                         last, overloaded = f"http_{status}", status in OVERLOAD_STATUS or status >= 500
@@ -232,6 +228,7 @@ def client_for(options: Any, seed: int) -> JsonClient:
         timeout_s=options.timeout_s,
         policy=RetryPolicy(max_attempts=options.max_attempts, backoff_base_s=options.backoff_base_s,
                            backoff_max_s=options.backoff_max_s),
-        window=AdaptiveWindow(options.concurrency, options.max_concurrency, options.adaptive_concurrency),
+        window=AdaptiveWindow(options.concurrency, options.max_concurrency, options.adaptive_concurrency,
+                              slow_s=options.timeout_s / 2),
         seed=seed,
     )

@@ -234,16 +234,30 @@ def test_adaptive_window_bounds_concurrency_admits_in_order_and_adapts():
 
 
 @pytest.mark.parametrize("capacity", [1, 4, 16])
-def test_adaptive_window_settles_where_a_queueing_server_saturates(capacity):
-    """A server that serves ``capacity`` requests at once and queues the rest (as vLLM does: no 429)
-    answers in 10 ms up to its capacity and proportionally slower above it: the window must settle
-    at the capacity plus the few queued requests the latency target allows, whatever it starts at."""
+def test_adaptive_window_takes_a_queueing_servers_throughput_short_of_timeouts(capacity):
+    """A server that serves ``capacity`` requests at once and queues the rest (vLLM: no 429) answers
+    in 10 ms up to its capacity and proportionally slower above it. Its throughput is the same at
+    any window from its capacity up, so the window may climb towards the maximum, but halves when a
+    reply takes over half the timeout: with a 0.16 s timeout it saws between 4 and 8·capacity."""
     from distill.plugins.fireworks.client import AdaptiveWindow
 
+    def latency(window):
+        return 0.01 * max(1.0, int(window.limit) / capacity)
+
     for initial in (1, 64):
-        window = AdaptiveWindow(initial=initial, maximum=64)
+        window = AdaptiveWindow(initial=initial, maximum=64, slow_s=0.08)
         window.success(0.01)  # the first request, alone
-        for _ in range(2000):
-            in_flight = int(window.limit)
-            window.success(0.01 * max(1.0, in_flight / capacity), in_flight)
-        assert capacity + AdaptiveWindow.low - 1 <= window.limit <= capacity + AdaptiveWindow.high + 1, (initial, window.limit)
+        limits = []
+        for _ in range(3000):
+            window.success(latency(window))
+            limits.append(window.limit)
+        settled = limits[-1000:]
+        assert min(settled) >= capacity  # the server stays saturated: its full throughput
+        assert max(settled) >= min(8 * capacity, 64) - 1, (initial, max(settled))
+        assert 0.01 * max(settled) / capacity < 0.16  # and no reply comes near the timeout
+
+    patient = AdaptiveWindow(initial=8, maximum=64, slow_s=0.08)
+    patient.success(0.5)  # a long request, alone: slow, but not queueing
+    for _ in range(3000):
+        patient.success(0.5)
+    assert patient.limit == 64
