@@ -15,9 +15,10 @@ its own mmap, returned to the OS when freed, so RSS follows the live tensors (th
 keep glibc's default allocator behaviour).
 The loss is the importance-sampled reverse KL of ``sampled_reverse_kl`` (one id per row).
 
-Peers run only where importable: Cut Cross-Entropy's ``torch_compile`` implementation (a
-cross-entropy, the same LSE + gather work) from ``--peer-python`` (a venv holding
-``cut-cross-entropy``, e.g. made with ``--system-site-packages`` and ``pip install --no-deps``).
+Peers run from ``--peer-python`` (a venv holding them, e.g. made with ``--system-site-packages`` and
+``pip install --no-deps cut-cross-entropy liger-kernel``): Cut Cross-Entropy's ``torch_compile``
+implementation (a cross-entropy, the same LSE + gather work) and Liger's chunked GRPO loss (pure
+torch, so it runs on CPU; its Triton losses need a GPU).
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "cpu": [(4096, 1024, 32768), (2048, 1024, 151936)],
     "cuda": [(4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)],
 }
-IMPLS = ["naive", "naive_compiled", "chunked", "chunked_compiled", "cce_torch_compile"]
+IMPLS = ["naive", "naive_compiled", "chunked", "cce_torch_compile", "liger_grpo"]
+PEERS = {"cce_torch_compile": "cut-cross-entropy", "liger_grpo": "liger-kernel"}  # run from --peer-python
+LIGER_SEQUENCE = 512  # tokens per sequence when the N rows are handed to Liger as [N / 512, 512]
 BASELINE = "naive"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -69,11 +73,10 @@ def _build(impl: str) -> Callable[..., Any]:
         return _naive
     if impl == "naive_compiled":
         return torch.compile(_naive)
-    if impl in ("chunked", "chunked_compiled"):
-        from distill.plugins.cuda_losses import ChunkedKernel
+    if impl == "chunked":
+        from distill.plugins.cuda_losses import CHUNKED_KERNEL
 
-        kernel = ChunkedKernel(compile=impl == "chunked_compiled")
-        return lambda h, w, ids, s, a: _is_loss(kernel(h, w, ids[:, None])[:, 0], s, a)
+        return lambda h, w, ids, s, a: _is_loss(CHUNKED_KERNEL(h, w, ids[:, None])[:, 0], s, a)
     if impl == "triton":
         from distill.plugins.cuda_losses.triton_kernel import TRITON_KERNEL
 
@@ -82,7 +85,29 @@ def _build(impl: str) -> Callable[..., Any]:
         from cut_cross_entropy import linear_cross_entropy
 
         return lambda h, w, ids, s, a: linear_cross_entropy(h, w, ids, reduction="sum", impl="torch_compile")
+    if impl == "liger_grpo":
+        return _liger_grpo()
     raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}, triton")
+
+
+def _liger_grpo() -> Callable[..., Any]:
+    """Liger's chunked GRPO loss with its defaults (``chunk_size=1``: one sequence per chunk).
+
+    Without a KL term (``beta=0``) and with the sampling logprobs as the old policy it is a clipped
+    importance-sampled loss over the sampled ids: the same per-token work as ours.
+    """
+    import torch
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
+
+    def run(h, w, ids, s, a):
+        shape = (h.shape[0] // LIGER_SEQUENCE, LIGER_SEQUENCE)
+        mask = torch.ones(shape, dtype=torch.long, device=h.device)
+        advantage = a.view(shape)[:, 0]
+        return loss(h.view(*shape, -1), w, ids.view(shape), mask, advantage, old_per_token_logps=s.view(shape))[0]
+
+    return run
 
 
 class _RssPeak:
@@ -103,7 +128,7 @@ class _RssPeak:
             self.peak = max(self.peak, self.now())
             time.sleep(0.001)
 
-    def __enter__(self) -> _RssPeak:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -162,14 +187,14 @@ def worker(impl: str, n: int, h: int, v: int, dtype_name: str, device: str, warm
 
 
 def _run_worker(args: argparse.Namespace, impl: str, shape: tuple[int, int, int]) -> dict | None:
-    python = args.peer_python if impl.startswith("cce") else sys.executable
+    python = args.peer_python if impl in PEERS else sys.executable
     if python is None:
-        print(f"skip {impl}: no --peer-python with cut-cross-entropy", file=sys.stderr)
+        print(f"skip {impl}: no --peer-python with {PEERS[impl]}", file=sys.stderr)
         return None
     n, h, v = shape
     command = [python, __file__, "--worker", impl, str(n), str(h), str(v), "--dtype", args.dtype,
                "--device", args.device, "--warmup", str(args.warmup), "--iters", str(args.iters)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         print(f"skip {impl} {shape}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -200,7 +225,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--peer-python", help="python of a venv with cut-cross-entropy installed")
+    parser.add_argument("--peer-python", help="python of a venv with the peers installed: " + ", ".join(PEERS.values()))
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "H", "V"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
