@@ -183,11 +183,17 @@ def test_a_server_reading_another_folder_is_caught_serving_wrong_weights(vllm_st
         asyncio.run(scenario())
 
 
-def test_the_demo_sampling_on_vllm_reaches_the_local_gain(vllm_student, tmp_path, manager):
-    sampler = f"sampler={{backend = 'fireworks', dialect = 'vllm', base_url = '{vllm_student}', model = 's'}}"
-    config = load_config(DEMO / "opd.toml", manager, [sampler, f"output_dir='{tmp_path}'", "train.threads=1"])
+def test_the_remote_demo_on_two_vllm_servers_reaches_the_local_gain(vllm_student, vllm_server, tmp_path, manager):
+    """examples/arithmetic/remote.toml as shipped, pointed at this test's servers."""
+    config = load_config(DEMO / "remote.toml", manager, [
+        f"sampler.base_url='{vllm_student}'", "sampler.model='s'",
+        f"teachers.0.base_url='{vllm_server}'", f"teachers.0.model='{TEACHER}'",
+        f"output_dir='{tmp_path}'", "train.threads=1",
+    ])
     summary = run(config, manager, progress=False)
     # the local run (docs/quickstart.md): 26.5% -> 97.0%; the samples differ (vLLM's own RNG)
     assert summary["student_accuracy_before"] == 0.265
     assert summary["student_accuracy_after"] >= 0.9
+    assert summary["reverse_kl_after"] < 0.25 * summary["reverse_kl_before"]
     assert summary["sampler"]["syncs"] == 601 and summary["sampler"]["sync_max_gap"] < 1e-4
+    assert summary["teachers"][TEACHER]["dropped"] == {}
