@@ -27,7 +27,8 @@ from distill.modeling import final_hidden_states, head_weight
 from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for
 from distill.plugins.fireworks.teacher import parse_fireworks_echo, parse_vllm_prompt_logprobs
 
-__all__ = ["RemoteSampler", "Sample", "parse_fireworks_samples", "parse_vllm_samples", "write_weights"]
+__all__ = ["RemoteSampler", "Sample", "parse_completion_ids", "parse_fireworks_samples", "parse_vllm_samples",
+           "write_weights"]
 
 PROBE_LENGTH = 16
 SYNC_HINTS = {
@@ -65,6 +66,16 @@ def _checked(ids: Any, max_tokens: int) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise Invalid("bad_token_id")
     return ids
+
+
+def parse_completion_ids(body: Any, dialect: str, max_tokens: int) -> list[int]:
+    """Only the ids of a single greedy completion (evaluation needs no logprobs)."""
+    try:
+        (choice,) = _choices(body, 1)
+        ids = choice["raw_output"]["completion_token_ids"] if dialect == "fireworks" else choice["token_ids"]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise Invalid("malformed") from None
+    return _checked(ids, max_tokens)
 
 
 def parse_fireworks_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
@@ -219,12 +230,15 @@ class RemoteSampler:
             return {**body, "top_k": top_k, "logprobs": True, "raw_output": True}
         return {**body, "top_k": top_k or -1, "logprobs": 0, "return_token_ids": True}
 
-    async def _sample_one(self, prompt: Sequence[int], params: SamplingParams, seed: int,
-                          temperature: float | None = None) -> list[Sample]:
-        temperature = params.temperature if temperature is None else temperature
-        body = self._body(prompt, params.n, params.max_new_tokens, temperature, params.top_k, params.top_p, seed)
+    async def _sample_one(self, prompt: Sequence[int], params: SamplingParams, seed: int) -> list[Sample]:
+        body = self._body(prompt, params.n, params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed)
         parse = parse_fireworks_samples if self.dialect == "fireworks" else parse_vllm_samples
         return await self._post(self._path, body, lambda reply: parse(reply, params.n, params.max_new_tokens))
+
+    async def _complete_one(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        body = self._body(prompt, 1, max_new_tokens, 0.0, 0, 1.0, 0)
+        return await self._post(self._path, body,
+                                lambda reply: parse_completion_ids(reply, self.dialect, max_new_tokens))
 
     @property
     def _path(self) -> str:
@@ -248,9 +262,7 @@ class RemoteSampler:
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
         """Greedy completions (temperature 0), used by evaluation."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, n=1)
-        results = await asyncio.gather(*(self._sample_one(p, params, 0, temperature=0.0) for p in prompts))
-        return [samples[0].ids for samples in results]
+        return list(await asyncio.gather(*(self._complete_one(p, max_new_tokens) for p in prompts)))
 
     async def sync_weights(self, step: int) -> None:
         """Write the weights, have the server reload them, and check it now answers as the trainer."""

@@ -261,3 +261,17 @@ def test_adaptive_window_takes_a_queueing_servers_throughput_short_of_timeouts(c
     for _ in range(3000):
         patient.success(0.5)
     assert patient.limit == 64
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_the_remote_teacher_keeps_the_contract(server, top_k):
+    from distill.testing import check_teacher
+
+    async def scenario():
+        teacher = _remote(server)
+        try:
+            await check_teacher(teacher, top_k=top_k)
+        finally:
+            await teacher.aclose()
+
+    asyncio.run(scenario())

@@ -13,7 +13,12 @@ from distill.errors import ConfigError, DistillError
 from distill.loop import run
 from distill.plugins.fireworks import RemoteSamplerOptions
 from distill.plugins.fireworks.client import Invalid
-from distill.plugins.fireworks.sampler import RemoteSampler, parse_fireworks_samples, parse_vllm_samples
+from distill.plugins.fireworks.sampler import (
+    RemoteSampler,
+    parse_completion_ids,
+    parse_fireworks_samples,
+    parse_vllm_samples,
+)
 from distill.types import BuildContext, PromptRow, SamplingParams
 
 from .test_fireworks import _serve
@@ -171,6 +176,12 @@ def test_sample_parsers_read_ids_logprobs_and_finish():
     body["choices"][0]["logprobs"]["token_logprobs"] = [-0.5]
     with pytest.raises(Invalid, match="ids_mismatch"):
         parse_vllm_samples(body, 1, 2)
+    # greedy completions for evaluation need only ids: a null logprob does not matter there
+    assert parse_completion_ids(body, "vllm", 2) == [5, 6]
+    greedy = {"choices": [_choice(0, [5, 1], sampling=[None, None])]}
+    assert parse_completion_ids(greedy, "fireworks", 4) == [5, 1]
+    with pytest.raises(Invalid, match="bad_length"):
+        parse_completion_ids(greedy, "fireworks", 1)
 
 
 def test_the_vllm_dialect_needs_unfiltered_temperature_one_sampling(manager, tiny_models, tmp_path):
@@ -233,3 +244,16 @@ def test_a_cli_run_sampling_on_the_server_never_leaks_the_key(student_server, ti
     assert any(f.parent.name == "sampler_weights" for f in files)
     for file in files:
         assert secret.encode() not in file.read_bytes(), file
+
+
+def test_the_remote_sampler_keeps_the_contract(student_server, tiny_models, tmp_path):
+    from distill.testing import check_sampler
+
+    async def scenario():
+        sampler = _sampler(student_server, AutoModelForCausalLM.from_pretrained(tiny_models["student"]), tmp_path)
+        try:
+            await check_sampler(sampler, params=SamplingParams(max_new_tokens=5, temperature=0.8, top_k=8, n=3))
+        finally:
+            await sampler.aclose()
+
+    asyncio.run(scenario())
