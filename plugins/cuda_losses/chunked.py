@@ -93,9 +93,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         picked_N_K = torch.zeros(ids_N_K.shape, dtype=acc_dtype, device=hidden_N_H.device)
         blocks = _tiles(vocab, kernel.vocab_block)
         block_lse_N_X = torch.empty((num_rows, len(blocks)), dtype=acc_dtype, device=hidden_N_H.device)
+        tile = min(num_rows, kernel.row_chunk) * min(vocab, kernel.vocab_block)
         logits_buffer, probs_buffer = (
-            torch.empty(min(num_rows, kernel.row_chunk) * kernel.vocab_block, dtype=dtype, device=hidden_N_H.device)
-            for dtype in (mm_dtype, acc_dtype)
+            torch.empty(tile, dtype=dtype, device=hidden_N_H.device) for dtype in (mm_dtype, acc_dtype)
         )
         for block, (v0, v1) in enumerate(blocks):
             weight_B_H = weight_V_H[v0:v1]
@@ -133,8 +133,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         rows = _tiles(hidden_A_H.shape[0], kernel.row_chunk)
         hidden_size, device = hidden_A_H.shape[1], hidden_A_H.device
         chunk = min(hidden_A_H.shape[0], kernel.row_chunk)
-        logits_buffer = torch.empty(chunk * kernel.vocab_block, dtype=hidden_A_H.dtype, device=device)
-        product_buffer = torch.empty(max(chunk, kernel.vocab_block) * hidden_size, dtype=hidden_A_H.dtype, device=device)
+        block = min(weight_V_H.shape[0], kernel.vocab_block)
+        logits_buffer = torch.empty(chunk * block, dtype=hidden_A_H.dtype, device=device)
+        product_buffer = torch.empty(max(chunk, block) * hidden_size, dtype=hidden_A_H.dtype, device=device)
         for block, (v0, v1) in enumerate(_tiles(weight_V_H.shape[0], kernel.vocab_block)):
             weight_B_H = weight_V_H[v0:v1]
             # One row chunk: the matmul's own fp32 accumulation suffices, write the block in place.
