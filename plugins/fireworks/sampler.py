@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import structlog
 import torch
 
 from distill import BuildContext, PromptRow, Rollout, SamplingParams
@@ -30,6 +31,7 @@ from distill.plugins.fireworks.teacher import parse_fireworks_echo, parse_vllm_p
 __all__ = ["RemoteSampler", "Sample", "parse_completion_ids", "parse_fireworks_samples", "parse_vllm_samples",
            "write_weights"]
 
+log = structlog.get_logger("distill")
 PROBE_LENGTH = 16
 SYNC_HINTS = {
     "vllm": "start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
@@ -195,6 +197,9 @@ class RemoteSampler:
         if context.student is None:
             raise ConfigError(["sampler 'fireworks' syncs the trainer's student, none is loaded @ sampler.backend"])
         weights_dir = Path(options.weights_dir) if options.weights_dir else context.output_dir / "sampler_weights"
+        if options.sync_kind == "none":
+            log.warning("sampler sync = 'none': the server's weights never change, so training is off-policy",
+                        model=options.model)
         return cls(
             client_for(options, context.seed),
             model=options.model,
