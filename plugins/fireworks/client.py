@@ -24,7 +24,8 @@ import httpx
 
 from distill.errors import DistillError
 
-__all__ = ["RetryPolicy", "AdaptiveWindow", "Invalid", "RequestFailed", "JsonClient", "client_for"]
+__all__ = ["AdaptiveWindow", "Invalid", "JsonClient", "RequestFailed", "RetryPolicy", "client_for", "finite",
+           "indexed_choices"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,21 @@ class Invalid(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def finite(value: Any, reason: str) -> float:
+    """``value`` as a float, or :class:`Invalid` (``reason``) when it is not a finite number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise Invalid(reason)
+    return float(value)
+
+
+def indexed_choices(body: Any, count: int) -> list[Any]:
+    """``body["choices"]`` ordered by ``index``, which must be exactly 0 … count − 1."""
+    choices = sorted(body["choices"], key=lambda choice: choice["index"])
+    if [c["index"] for c in choices] != list(range(count)):
+        raise Invalid("missing_choices")
+    return choices
 
 
 class RequestFailed(DistillError):

@@ -10,7 +10,6 @@ tied head) stops the run, rather than letting it train on another policy's sampl
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import random
 import time
@@ -22,20 +21,27 @@ import attrs
 import structlog
 import torch
 
-from distill import BuildContext, PromptRow, Rollout, SamplingParams
+from distill import BuildContext, PromptRow, Rollout, SamplingParams, ScoreRequest
 from distill.errors import ConfigError, DistillError
 from distill.modeling import final_hidden_states, head_weight
-from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for
-from distill.plugins.fireworks.teacher import parse_fireworks_echo, parse_vllm_prompt_logprobs
+from distill.plugins.fireworks.client import (
+    Invalid,
+    JsonClient,
+    RequestFailed,
+    client_for,
+    finite,
+    indexed_choices,
+)
+from distill.plugins.fireworks.teacher import scoring_request
 
 __all__ = ["RemoteSampler", "Sample", "parse_completion_ids", "parse_fireworks_samples", "parse_vllm_samples",
            "write_weights"]
 
 log = structlog.get_logger("distill")
 PROBE_LENGTH = 16
-SYNC_HINTS = {
-    "vllm": "start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
-    "distill-serve": "point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
+MISSING_ENDPOINT_HINTS = {  # what to do when the server has no sync endpoint (404)
+    "vllm": "; start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
+    "distill-serve": "; point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
 }
 
 
@@ -49,19 +55,6 @@ class Sample:
     finished: bool
 
 
-def _finite(value: Any, reason: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise Invalid(reason)
-    return float(value)
-
-
-def _choices(body: Any, n: int) -> list[Any]:
-    choices = sorted(body["choices"], key=lambda choice: choice["index"])
-    if [c["index"] for c in choices] != list(range(n)):
-        raise Invalid("missing_choices")
-    return choices
-
-
 def _checked(ids: Any, max_tokens: int) -> list[int]:
     if not isinstance(ids, list) or not 1 <= len(ids) <= max_tokens:
         raise Invalid("bad_length")
@@ -73,7 +66,7 @@ def _checked(ids: Any, max_tokens: int) -> list[int]:
 def parse_completion_ids(body: Any, dialect: str, max_tokens: int) -> list[int]:
     """Only the ids of a single greedy completion (evaluation needs no logprobs)."""
     try:
-        (choice,) = _choices(body, 1)
+        (choice,) = indexed_choices(body, 1)
         ids = choice["raw_output"]["completion_token_ids"] if dialect == "fireworks" else choice["token_ids"]
     except (KeyError, IndexError, TypeError, ValueError):
         raise Invalid("malformed") from None
@@ -85,15 +78,15 @@ def parse_fireworks_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
     with a finite ``logprob`` (raw model) and ``sampling_logprob`` (after temperature and filters)."""
     try:
         samples = []
-        for choice in _choices(body, n):
+        for choice in indexed_choices(body, n):
             ids = _checked(choice["raw_output"]["completion_token_ids"], max_tokens)
             content = choice["logprobs"]["content"]
             if len(content) != len(ids) or any(e["token_id"] != i for e, i in zip(content, ids, strict=True)):
                 raise Invalid("ids_mismatch")
             samples.append(Sample(
                 ids,
-                [_finite(e["sampling_logprob"], "non_finite_logprob") for e in content],
-                [_finite(e["logprob"], "non_finite_logprob") for e in content],
+                [finite(e["sampling_logprob"], "non_finite_logprob") for e in content],
+                [finite(e["logprob"], "non_finite_logprob") for e in content],
                 choice["finish_reason"] == "stop",
             ))
     except (KeyError, IndexError, TypeError, ValueError):
@@ -107,12 +100,12 @@ def parse_vllm_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
     config time)."""
     try:
         samples = []
-        for choice in _choices(body, n):
+        for choice in indexed_choices(body, n):
             ids = _checked(choice["token_ids"], max_tokens)
             logprobs = choice["logprobs"]["token_logprobs"]
             if len(logprobs) != len(ids):
                 raise Invalid("ids_mismatch")
-            values = [_finite(lp, "non_finite_logprob") for lp in logprobs]
+            values = [finite(lp, "non_finite_logprob") for lp in logprobs]
             samples.append(Sample(ids, values, values, choice["finish_reason"] == "stop"))
     except (KeyError, IndexError, TypeError, ValueError):
         raise Invalid("malformed") from None
@@ -137,14 +130,6 @@ def write_weights(model: Any, folder: Path) -> None:
     partial = folder / "model.safetensors.partial"
     save_file(tensors, str(partial), metadata={"format": "pt"})
     os.replace(partial, folder / "model.safetensors")
-
-
-def _first_choice_logprobs(body: Any, sequence: Sequence[int]) -> Any:
-    try:
-        choice = body["choices"][0]
-    except (KeyError, IndexError, TypeError):
-        raise Invalid("malformed") from None
-    return parse_vllm_prompt_logprobs(choice, sequence, 1, 0)
 
 
 @torch.no_grad()
@@ -283,7 +268,8 @@ class RemoteSampler:
             else:
                 await self.client.post("/distill/v1/load_weights", {"path": self.server_weights_dir})
         except RequestFailed as failed:
-            raise DistillError(f"Weight sync to {self.model!r} failed: {failed}; {SYNC_HINTS[self.sync]}.") from None
+            hint = MISSING_ENDPOINT_HINTS[self.sync] if failed.reason == "http_404" else ""
+            raise DistillError(f"Weight sync to {self.model!r} failed: {failed}{hint}.") from None
         if self.sync_tolerance:
             await self._check_sync(step)
         self.syncs += 1
@@ -291,14 +277,9 @@ class RemoteSampler:
 
     async def _check_sync(self, step: int) -> None:
         probe = self.probe
-        if self.dialect == "fireworks":
-            body = {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0,
-                    "echo": True, "logprobs": True, "raw_output": True}
-            scores = await self._post(self._path, body, lambda reply: parse_fireworks_echo(reply, probe, 1, 0))
-        else:
-            body = {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0,
-                    "prompt_logprobs": 0, "return_token_ids": True}
-            scores = await self._post(self._path, body, lambda reply: _first_choice_logprobs(reply, probe))
+        path, body, parse = scoring_request(self.dialect, self.model,
+                                            [ScoreRequest(prompt_ids=tuple(probe[:1]), completion_ids=tuple(probe[1:]))], 0)
+        (scores,) = await self._post(path, body, parse)
         local = await asyncio.to_thread(_local_logprobs, self.student, probe)
         gap = float((scores.logprobs_C - local).abs().max())
         self.sync_gap = max(self.sync_gap, gap)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import sys
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from distill.plugins.hf.generation import generate
+from distill.plugins.hf.generation import generate, special_ids
 from distill.types import ScoreRequest
 
 __all__ = ["FaultPlan", "build_app", "main"]
@@ -64,15 +65,16 @@ class FaultPlan:
         return None
 
 
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.convert_ids_to_tokens(int(token_id)) if tokenizer is not None else str(token_id)
+
+
 async def _echo_body(teacher: Any, tokenizer: Any, sequence: Sequence[int], top_k: int, model: str) -> dict[str, Any]:
     """Score ``sequence`` as the Fireworks API echoes it: one entry per token, then one generated."""
     request = ScoreRequest(prompt_ids=tuple(sequence[:1]), completion_ids=tuple(sequence[1:]))
     (scores,) = await teacher.score([request], top_k=top_k)
     (generated,) = await teacher.complete([sequence], max_new_tokens=1)
-
-    def token(i: int) -> str:
-        return tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else str(i)
-
+    token = functools.partial(_token_text, tokenizer)
     content = [{"token": token(sequence[0]), "token_id": int(sequence[0]), "logprob": None, "top_logprobs": []}]
     for j, tok in enumerate(sequence[1:]):
         entry = {"token": token(tok), "token_id": int(tok), "logprob": float(scores.logprobs_C[j])}
@@ -87,23 +89,14 @@ async def _echo_body(teacher: Any, tokenizer: Any, sequence: Sequence[int], top_
                          "raw_output": {"prompt_token_ids": list(sequence), "completion_token_ids": generated}}]}
 
 
-def _special_ids(model: Any) -> tuple[int, int]:
-    eos = model.generation_config.eos_token_id or model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    return eos, model.config.pad_token_id if model.config.pad_token_id is not None else eos
-
-
 def _sample_body(model: Any, tokenizer: Any, prompt: list[int], sampling: dict[str, Any], model_name: str) -> dict[str, Any]:
     """``n`` completions as the Fireworks API returns them with ``raw_output`` and ``logprobs``."""
-    eos, pad = _special_ids(model)
+    eos, pad = special_ids(model)
     outputs = generate(model, [prompt] * sampling["n"], max_new_tokens=sampling["max_tokens"], eos_id=eos,
                        pad_id=pad, temperature=sampling["temperature"] or 1.0, top_k=sampling["top_k"],
                        top_p=sampling["top_p"], greedy=sampling["temperature"] == 0,
                        generator=torch.Generator().manual_seed(sampling["seed"]))
-
-    def token(i: int) -> str:
-        return tokenizer.convert_ids_to_tokens(int(i)) if tokenizer is not None else str(i)
-
+    token = functools.partial(_token_text, tokenizer)
     choices = []
     for index, out in enumerate(outputs):
         ids = out.ids_C.tolist()
@@ -133,7 +126,8 @@ def _sampling_settings(body: dict[str, Any]) -> dict[str, Any] | str:
 
 
 def _load_weights(model: Any, folder: Path) -> None:
-    """Load every ``*.safetensors`` in ``folder`` into ``model`` in place; a tied head may be absent."""
+    """Load every ``*.safetensors`` in ``folder`` into ``model`` in place, or change nothing: names
+    and shapes are checked before any tensor is copied. A tied head may be absent."""
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -142,11 +136,15 @@ def _load_weights(model: Any, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"weights do not fit the model: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")
+    current = model.state_dict()
+    optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(current) - set(state) - optional)
+    unexpected = sorted(set(state) - set(current))
+    reshaped = sorted(name for name in set(state) & set(current) if state[name].shape != current[name].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}, "
+                         f"other shape {reshaped}")
+    model.load_state_dict(state, strict=False)
 
 
 def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan | None = None) -> Any:

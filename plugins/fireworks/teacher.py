@@ -8,24 +8,17 @@ retried; one that keeps failing drops its rollout with a counted reason, never m
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from distill import BuildContext, ScoreRequest, TeacherScores
 from distill.errors import DistillError
-from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for
+from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for, finite, indexed_choices
 from distill.types import ScoreFailure
 
-__all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs"]
-
-
-def _finite(value: Any, reason: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise Invalid(reason)
-    return float(value)
+__all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs", "scoring_request"]
 
 
 def _scores(logprobs: list[float], candidates: list[list[tuple[int, float]]] | None) -> TeacherScores:
@@ -49,10 +42,10 @@ def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, to
             raise Invalid("echo_mismatch")
         logprobs, candidates = [], []
         for entry in content[prompt_len : len(sequence)]:
-            logprobs.append(_finite(entry["logprob"], "non_finite_logprob"))
+            logprobs.append(finite(entry["logprob"], "non_finite_logprob"))
             if top_k:
                 ranked = sorted(
-                    ((int(c["token_id"]), _finite(c["logprob"], "non_finite_top_logprob"))
+                    ((int(c["token_id"]), finite(c["logprob"], "non_finite_top_logprob"))
                      for c in entry.get("top_logprobs") or ()),
                     key=lambda pair: -pair[1],
                 )
@@ -78,10 +71,10 @@ def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len:
         for token, entry in zip(sequence[prompt_len:], positions[prompt_len:], strict=True):
             if str(token) not in entry:
                 raise Invalid("echo_mismatch")
-            logprobs.append(_finite(entry[str(token)]["logprob"], "non_finite_logprob"))
+            logprobs.append(finite(entry[str(token)]["logprob"], "non_finite_logprob"))
             if top_k:
                 ranked = sorted(
-                    ((int(i), _finite(e["logprob"], "non_finite_top_logprob"), int(e["rank"])) for i, e in entry.items()),
+                    ((int(i), finite(e["logprob"], "non_finite_top_logprob"), int(e["rank"])) for i, e in entry.items()),
                     key=lambda item: item[2],
                 )
                 top = [(i, lp) for i, lp, rank in ranked if rank <= top_k]
@@ -91,6 +84,32 @@ def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len:
     except (KeyError, IndexError, TypeError, ValueError):
         raise Invalid("malformed") from None
     return _scores(logprobs, candidates if top_k else None)
+
+
+def scoring_request(
+    dialect: str, model: str, requests: Sequence[ScoreRequest], top_k: int
+) -> tuple[str, dict[str, Any], Callable[[Any], list[TeacherScores]]]:
+    """(path, body, parse) of one scoring request: ``fireworks`` takes one sequence, ``vllm`` a batch."""
+    sequences = [[*r.prompt_ids, *r.completion_ids] for r in requests]
+    lengths = [len(r.prompt_ids) for r in requests]
+    if dialect == "fireworks":
+        (sequence,), (prompt_len,) = sequences, lengths
+        body = {"model": model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
+                "echo": True, "logprobs": True, "raw_output": True}
+        if top_k:
+            body["top_logprobs"] = top_k
+        return "/inference/v1/completions", body, lambda reply: [parse_fireworks_echo(reply, sequence, prompt_len, top_k)]
+
+    def parse(reply: Any) -> list[TeacherScores]:
+        try:
+            choices = indexed_choices(reply, len(sequences))
+        except (KeyError, TypeError):
+            raise Invalid("malformed") from None
+        return [parse_vllm_prompt_logprobs(c, seq, n, top_k) for c, seq, n in zip(choices, sequences, lengths, strict=True)]
+
+    body = {"model": model, "prompt": sequences, "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": top_k, "return_token_ids": True}
+    return "/v1/completions", body, parse
 
 
 class RemoteTeacher:
@@ -123,37 +142,10 @@ class RemoteTeacher:
         return {"failed_attempts": dict(self.client.failed_attempts), "dropped": dict(self.dropped),
                 "window": self.client.window.limit}
 
-    async def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
-        """One HTTP request: a single sequence (fireworks) or a batch of them (vllm)."""
-        sequences = [[*r.prompt_ids, *r.completion_ids] for r in requests]
-        lengths = [len(r.prompt_ids) for r in requests]
-        if self.dialect == "fireworks":
-            (sequence,), (prompt_len,) = sequences, lengths
-            body = {"model": self.model, "prompt": sequence, "max_tokens": 1, "temperature": 0,
-                    "echo": True, "logprobs": True, "raw_output": True}
-            if top_k:
-                body["top_logprobs"] = top_k
-            return [await self.client.post(
-                "/inference/v1/completions", body,
-                lambda reply: parse_fireworks_echo(reply, sequence, prompt_len, top_k),
-            )]
-
-        def parse(reply: Any) -> list[TeacherScores]:
-            try:
-                choices = sorted(reply["choices"], key=lambda choice: choice["index"])
-            except (KeyError, TypeError):
-                raise Invalid("malformed") from None
-            if [c["index"] for c in choices] != list(range(len(sequences))):
-                raise Invalid("missing_choices")
-            return [parse_vllm_prompt_logprobs(c, seq, n, top_k) for c, seq, n in zip(choices, sequences, lengths, strict=True)]
-
-        body = {"model": self.model, "prompt": sequences, "max_tokens": 1, "temperature": 0,
-                "prompt_logprobs": top_k, "return_token_ids": True}
-        return await self.client.post("/v1/completions", body, parse)
-
     async def _guarded(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores | ScoreFailure]:
         try:
-            scores: list[TeacherScores | ScoreFailure] = list(await self._score_batch(requests, top_k))
+            path, body, parse = scoring_request(self.dialect, self.model, requests, top_k)
+            scores: list[TeacherScores | ScoreFailure] = list(await self.client.post(path, body, parse))
         except RequestFailed as failed:
             if not failed.retryable:
                 raise DistillError(f"Teacher {self.model!r} refused a request: {failed}") from None

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import torch
 
-__all__ = ["Generated", "generate", "greedy_complete"]
+__all__ = ["Generated", "generate", "greedy_complete", "special_ids"]
 
 
 @attrs.frozen(eq=False)
@@ -127,6 +127,13 @@ def generate(
         )
         for b in range(B)
     ]
+
+
+def special_ids(model: Any) -> tuple[int, int]:
+    """(eos, pad) from a model's own configs, for callers without a tokenizer (pad falls back to eos)."""
+    eos = model.generation_config.eos_token_id or model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    return eos, model.config.pad_token_id if model.config.pad_token_id is not None else eos
 
 
 def greedy_complete(

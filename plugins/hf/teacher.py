@@ -13,7 +13,7 @@ from distill import BuildContext, ScoreRequest, TeacherScores
 from distill.align import completion_positions
 from distill.config import resolve_path
 from distill.modeling import final_hidden_states, head_weight
-from distill.plugins.hf.generation import greedy_complete
+from distill.plugins.hf.generation import greedy_complete, special_ids
 
 __all__ = ["HFTeacher"]
 
@@ -76,7 +76,5 @@ class HFTeacher:
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
         """Greedy completions, so a run can report the teacher's own accuracy."""
-        eos = self.model.generation_config.eos_token_id or self.model.config.eos_token_id
-        eos = eos[0] if isinstance(eos, list) else eos
-        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos
+        eos, pad = special_ids(self.model)
         return await asyncio.to_thread(greedy_complete, self.model, prompts, max_new_tokens, eos, pad, self.batch_size)

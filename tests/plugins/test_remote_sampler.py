@@ -113,6 +113,43 @@ def test_sync_fails_with_a_hint_when_the_server_cannot_load_weights(tiny_models,
         proc.wait(timeout=30)
 
 
+def test_sync_to_a_server_without_the_endpoint_says_how_to_enable_it(student_server, tiny_models, tmp_path):
+    sampler = _sampler(student_server, AutoModelForCausalLM.from_pretrained(tiny_models["student"]), tmp_path,
+                       sync="vllm")  # distill-serve has no /collective_rpc
+    with pytest.raises(DistillError, match=r"Weight sync to 'tiny' failed: /collective_rpc answered 404: .*; "
+                                           r"start vLLM with VLLM_SERVER_DEV_MODE=1"):
+        asyncio.run(sampler.sync_weights(0))
+
+
+def test_weights_that_do_not_fit_are_refused_and_the_served_model_is_unchanged(student_server, tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    state = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    state["model.norm.weight"] = torch.zeros(3)  # wrong shape
+    state["extra.weight"] = torch.zeros(1)
+    del state["model.layers.0.mlp.up_proj.weight"]
+    for name in state:
+        if name.startswith("model.embed_tokens"):
+            state[name] = torch.zeros_like(state[name])  # would be copied first by a partial load
+    (tmp_path / "bad").mkdir()
+    save_file(state, str(tmp_path / "bad" / "model.safetensors"))
+    reply = httpx.post(f"{student_server}/distill/v1/load_weights", json={"path": str(tmp_path / "bad")})
+    assert reply.status_code == 422
+    assert reply.json()["error"]["message"] == (
+        f"cannot load weights from {tmp_path / 'bad'}: weights do not fit the model: missing "
+        "['model.layers.0.mlp.up_proj.weight'], unexpected ['extra.weight'], other shape ['model.norm.weight']")
+
+    async def still_the_student():
+        sampler = _sampler(student_server, student, tmp_path)
+        try:
+            await sampler._check_sync(0)  # the served logprobs are still exactly the student's
+        finally:
+            await sampler.aclose()
+
+    asyncio.run(still_the_student())
+
+
 def test_injected_faults_on_sampling_are_retried_and_counted_exactly(tiny_models, tmp_path):
     proc, base = _serve(tiny_models["student"], "--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
                         "--fault-seed", "5", "--stall-s", "6")
