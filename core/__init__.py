@@ -1,9 +1,28 @@
 """distill: on-policy distillation of language models, as a plugin framework.
 
-The public surface for plugin authors: ``hookimpl`` and the spec types to return from hooks.
+The public surface for plugin authors: ``hookimpl``, the spec types to return from hooks, the
+protocols their objects keep (subclass them for the optional members' defaults), the option
+validators, and the data types of a step. Plugins import from here and :mod:`distill.testing`.
 """
 
+from distill.align import TokenBatch, completion_positions
+from distill.config import finite, non_negative, positive, resolve_path, unit_interval
+from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
+from distill.modeling import completion_hidden_states, final_hidden_states, head_weight
+from distill.protocols import (
+    Blender,
+    Checkpoint,
+    CheckpointBackend,
+    Component,
+    LossKernel,
+    MetricSink,
+    Objective,
+    Router,
+    Sampler,
+    SkipRow,
+    TeacherScorer,
+)
 from distill.types import (
     BlenderSpec,
     BuildContext,
@@ -19,6 +38,7 @@ from distill.types import (
     SamplingParams,
     ScoreFailure,
     ScoreRequest,
+    TeacherRef,
     TeacherScores,
     TeacherSpec,
     WeightedScores,
@@ -29,6 +49,32 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "hookimpl",
+    "completion_positions",
+    "completion_hidden_states",
+    "final_hidden_states",
+    "head_weight",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DistillError",
+    "PluginError",
+    "finite",
+    "non_negative",
+    "positive",
+    "resolve_path",
+    "unit_interval",
+    "Blender",
+    "Checkpoint",
+    "CheckpointBackend",
+    "Component",
+    "LossKernel",
+    "MetricSink",
+    "Objective",
+    "Router",
+    "Sampler",
+    "SkipRow",
+    "TeacherScorer",
+    "TokenBatch",
     "BlenderSpec",
     "BuildContext",
     "CheckpointBackendSpec",
@@ -43,6 +89,7 @@ __all__ = [
     "SamplingParams",
     "ScoreFailure",
     "ScoreRequest",
+    "TeacherRef",
     "TeacherScores",
     "TeacherSpec",
     "WeightedScores",

@@ -16,7 +16,7 @@ import torch
 from distill.errors import DistillError
 from distill.types import Rollout, TeacherScores
 
-__all__ = ["completion_positions", "TokenBatch", "build_token_batch", "AlignmentError"]
+__all__ = ["completion_positions", "TokenBatch", "build_token_batch", "check_length", "AlignmentError"]
 
 
 class AlignmentError(DistillError):
@@ -110,18 +110,14 @@ class TokenBatch:
         )
 
 
-def _check(rollout: Rollout, scores: TeacherScores, which: int) -> None:
+def check_length(rollout: Rollout, scores: TeacherScores, who: str = "teacher") -> None:
+    """Scores must have one entry per completion token, or a run would train on misaligned targets."""
     length = rollout.completion_ids_C.shape[0]
+    where = f"a completion of {length} tokens (dataset line {rollout.row.index})"
     if scores.logprobs_C.shape != (length,):
-        raise AlignmentError(
-            f"teacher returned {tuple(scores.logprobs_C.shape)} logprobs for a completion of "
-            f"{length} tokens (rollout {which}, dataset line {rollout.row.index})"
-        )
+        raise AlignmentError(f"{who} returned {tuple(scores.logprobs_C.shape)} logprobs for {where}")
     if scores.topk_ids_C_K is not None and scores.topk_ids_C_K.shape[0] != length:
-        raise AlignmentError(
-            f"teacher returned top-K for {scores.topk_ids_C_K.shape[0]} positions of a completion "
-            f"of {length} tokens (rollout {which}, dataset line {rollout.row.index})"
-        )
+        raise AlignmentError(f"{who} returned top-K for {scores.topk_ids_C_K.shape[0]} positions of {where}")
 
 
 def build_token_batch(
@@ -130,8 +126,8 @@ def build_token_batch(
     """Pad rollouts and their teacher scores into one :class:`TokenBatch`."""
     if len(rollouts) != len(scores):
         raise AlignmentError(f"{len(scores)} teacher scores for {len(rollouts)} rollouts")
-    for i, (rollout, score) in enumerate(zip(rollouts, scores, strict=True)):
-        _check(rollout, score, i)
+    for rollout, score in zip(rollouts, scores, strict=True):
+        check_length(rollout, score)
     B = len(rollouts)
     lengths = [len(r.prompt_ids) + r.completion_ids_C.shape[0] - 1 for r in rollouts]
     L = max(lengths)

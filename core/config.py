@@ -8,6 +8,7 @@ once, each with its path (``must be > 0, got 0 @ train.steps``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import tomllib
@@ -25,9 +26,11 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from distill.errors import ConfigError, UnknownComponentError
+from distill.errors import ConfigError, DistillError, UnknownComponentError
+from distill.types import BuildContext, SamplingParams, TeacherRef
 
 if TYPE_CHECKING:
+    from distill.kinds import Kind
     from distill.manager import PluginManager
 
 __all__ = [
@@ -50,8 +53,9 @@ __all__ = [
     "apply_overrides",
     "display_config",
     "resolve_path",
-    "teacher_key",
-    "route_value",
+    "resolve_teachers",
+    "config_context",
+    "device_type",
     "positive",
     "non_negative",
     "finite",
@@ -107,6 +111,11 @@ class SamplingConfig:
     temperature: float = _field(1.0, finite, positive)
     top_k: int = _field(0, non_negative)
     top_p: float = _field(1.0, unit_interval)
+
+    def params(self, *, n: int, max_new_tokens: int | None = None) -> SamplingParams:
+        """These settings for ``n`` completions per prompt (evaluation may cap the length)."""
+        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, n=n)
 
 
 @attrs.frozen(kw_only=True)
@@ -229,17 +238,6 @@ class RunConfig:
             raise ValueError("must list at least one teacher ([[teachers]])")
 
 
-# (section, common keys, component kind, key naming the component)
-_COMPONENT_SECTIONS = {
-    "sampler": ({"backend"}, "sampler", "backend"),
-    "router": ({"name"}, "router", "name"),
-    "blender": ({"name"}, "blender", "name"),
-    "loss": ({"name", "kernel", "normalize"}, "loss", "name"),
-    "checkpoint": ({"backend", "every_steps"}, "checkpoint_backend", "backend"),
-}
-_TEACHER_COMMON = {"backend", "name", "tokenizer", "route_value", "teacher_messages_key", "blend_weight"}
-
-
 # -- the converter ------------------------------------------------------------------------------
 
 
@@ -335,7 +333,7 @@ def structure(data: Any, cls: type, path: str = "") -> tuple[Any, list[str]]:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def _split(section: Any, common: set[str]) -> tuple[Any, dict[str, Any]]:
+def _split(section: Any, common: frozenset[str]) -> tuple[Any, dict[str, Any]]:
     if not isinstance(section, dict):
         return section, {}
     head = {k: v for k, v in section.items() if k in common}
@@ -343,143 +341,148 @@ def _split(section: Any, common: set[str]) -> tuple[Any, dict[str, Any]]:
     return head, rest
 
 
+@attrs.frozen
+class _Entry:
+    """One component named in the config: where it sits, its kind, and its raw options."""
+
+    kind: Kind
+    path: str
+    index: int | None  # position in a ``list`` section, or the sink name's position
+    rest: dict[str, Any]
+
+
 def parse_config(
     raw: Mapping[str, Any], manager: PluginManager, *, source: str | None = None
 ) -> RunConfig:
-    """Build a :class:`RunConfig` from a parsed TOML mapping, or raise :class:`ConfigError`."""
-    raw = dict(raw)
-    _resolve_auto_router(raw, manager)
-    deferred: list[tuple[str, str, str, dict[str, Any], Any]] = []  # path, kind, name, options
-    for section, (common, kind, key) in _COMPONENT_SECTIONS.items():
-        head, rest = _split(raw.get(section, {}), common)
-        if isinstance(head, dict):
-            raw[section] = head
-            deferred.append((section, kind, key, rest, None))
-    teachers = raw.get("teachers", [])
-    if isinstance(teachers, list):
-        split_teachers = []
-        for i, entry in enumerate(teachers):
-            head, rest = _split(entry, _TEACHER_COMMON)
-            split_teachers.append(head)
-            deferred.append((f"teachers[{i}]", "teacher", "backend", rest, i))
-        raw["teachers"] = split_teachers
-    metrics = raw.get("metrics", {})
-    if isinstance(metrics, dict):
-        head, sink_options = _split(metrics, {"sinks"})
-        raw["metrics"] = head
-    else:
-        sink_options = {}
+    """Build a :class:`RunConfig` from a parsed TOML mapping, or raise :class:`ConfigError`.
 
-    stray_source = ["unknown key(s) 'source' @ (top level)"] if "source" in raw else []
+    Every component section is split (by the kinds table) into the core's common keys and the
+    options of the component it selects; each is structured with the component's ``config_cls``.
+    """
+    registry = manager.registry
+    raw = dict(raw)
+    problems = ["unknown key(s) 'source' @ (top level)"] if "source" in raw else []
     raw.pop("source", None)
-    config, problems = structure(raw, RunConfig)
-    problems = stray_source + problems
+    entries: list[_Entry] = []
+    for kind in registry.kinds:
+        section = raw.get(kind.section, {})
+        if kind.shape == "list" and isinstance(section, list):
+            heads = []
+            for i, item in enumerate(section):
+                head, rest = _split(item, kind.common_keys)
+                heads.append(head)
+                entries.append(_Entry(kind, f"{kind.section}[{i}]", i, rest))
+            raw[kind.section] = heads
+        elif kind.shape != "list" and isinstance(section, dict):
+            head, rest = _split(section, kind.common_keys)
+            raw[kind.section] = head
+            entries.append(_Entry(kind, kind.section, None, rest))
+    config, structure_problems = structure(raw, registry.run_config)
+    problems += structure_problems
     if config is None:
         raise ConfigError(problems, source)
 
-    options: dict[str, Any] = {}
-    checks: list[tuple[Any, str]] = []
-    for path, kind, key, rest, index in deferred:
-        section_cfg = config.teachers[index] if index is not None else getattr(config, path)
-        name = getattr(section_cfg, key)
-        try:
-            spec = manager.get(kind, name)
-        except UnknownComponentError as exc:  # report with the path, keep going
-            problems.append(f"{exc} @ {path}.{key}")
-            continue
-        obj, errs = structure(rest, spec.config_cls, path)
-        problems.extend(errs)
-        options[path] = obj
-        checks.append((spec, path))
-    sinks: dict[str, Any] = {}
-    for name in config.metrics.sinks:
-        try:
-            spec = manager.get("metric_sink", name)
-        except UnknownComponentError as exc:
-            problems.append(f"{exc} @ metrics.sinks")
-            continue
-        obj, errs = structure(sink_options.get(name, {}), spec.config_cls, f"metrics.{name}")
-        problems.extend(errs)
-        sinks[name] = obj
-    for extra in set(sink_options) - set(config.metrics.sinks):
-        problems.append(f"options given for sink '{extra}' which is not in metrics.sinks @ metrics.{extra}")
-    problems.extend(_check_top_k(config, options, manager))
-    problems.extend(_check_teacher_names(config, options))
+    checks: list[tuple[Any, Any, str]] = []
+    with attrs.validators.disabled():  # each problem is reported once, by structure()
+        for entry in entries:
+            config, found = _structure_entry(config, entry, manager, checks)
+            problems.extend(found)
+        context = config_context(config, manager)
+    problems.extend(_check_teacher_names(context))
     problems.extend(_check_multi_teacher(config, manager))
+    problems.extend(_check_loss_kernel(config, manager))
     if problems:
         raise ConfigError(problems, source)
-
-    config = attrs.evolve(
-        config,
-        sampler=attrs.evolve(config.sampler, options=options["sampler"]),
-        router=attrs.evolve(config.router, options=options["router"]),
-        blender=attrs.evolve(config.blender, options=options["blender"]),
-        loss=attrs.evolve(config.loss, options=options["loss"]),
-        checkpoint=attrs.evolve(config.checkpoint, options=options["checkpoint"]),
-        teachers=tuple(
-            attrs.evolve(t, options=options[f"teachers[{i}]"]) for i, t in enumerate(config.teachers)
-        ),
-        metrics=attrs.evolve(config.metrics, options=sinks),
-        source=source,
-    )
-    for spec, path in checks:
+    config = attrs.evolve(config, source=source)
+    context = config_context(config, manager)
+    for spec, options, path in checks:
         if spec.check is not None:
-            problems.extend(spec.check(options[path], config))
+            problems.extend(spec.check(options, attrs.evolve(context, path=path)))
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
-def _resolve_auto_router(raw: dict[str, Any], manager: PluginManager) -> None:
-    """``router = "auto"``: one teacher -> single; several -> all (blend) for a top-K loss, else routed."""
-    router = raw.get("router", {})
-    loss = raw.get("loss", {})
-    if not isinstance(router, dict) or router.get("name", "auto") != "auto" or not isinstance(loss, dict):
-        return
-    teachers = raw.get("teachers", [])
-    if not isinstance(teachers, list) or len(teachers) <= 1:
-        raw["router"] = {**router, "name": "single"}
-        return
+def _structure_entry(
+    config: RunConfig, entry: _Entry, manager: PluginManager, checks: list[tuple[Any, Any, str]]
+) -> tuple[RunConfig, list[str]]:
+    """Structure one component's options into ``config`` (a ``names`` kind: every name it lists)."""
+    kind, problems = entry.kind, []
+    section = getattr(config, kind.section)
+    if kind.shape == "names":
+        selected = getattr(section, kind.selector)
+        for extra in set(entry.rest) - set(selected):
+            problems.append(f"options given for {kind.label} '{extra}' which is not in "
+                            f"{kind.section}.{kind.selector} @ {kind.section}.{extra}")
+        options = {}
+        for name in selected:
+            spec, found = _lookup(manager, kind, name, f"{kind.section}.{kind.selector}")
+            if spec is not None:
+                options[name], found = structure(entry.rest.get(name, {}), spec.config_cls, f"{kind.section}.{name}")
+            problems.extend(found)
+        return attrs.evolve(config, **{kind.section: attrs.evolve(section, options=options)}), problems
+    item = section[entry.index] if kind.shape == "list" else section
+    spec, problems = _lookup(manager, kind, getattr(item, kind.selector), f"{entry.path}.{kind.selector}")
+    if spec is not None and spec.delegate is not None:
+        item = attrs.evolve(item, **{kind.selector: spec.delegate(config_context(config, manager))})
+        spec, problems = _lookup(manager, kind, getattr(item, kind.selector), f"{entry.path}.{kind.selector}")
+    if spec is None:
+        return config, problems
+    options, problems = structure(entry.rest, spec.config_cls, entry.path)
+    checks.append((spec, options, entry.path))
+    item = attrs.evolve(item, options=options)
+    if kind.shape == "list":
+        item = (*section[: entry.index], item, *section[entry.index + 1 :])
+    return attrs.evolve(config, **{kind.section: item}), problems
+
+
+def _lookup(manager: PluginManager, kind: Kind, name: str, path: str) -> tuple[Any, list[str]]:
     try:
-        signal = manager.get("loss", loss.get("name", LossConfig().name)).teacher_signal
-    except UnknownComponentError:
-        signal = "logprobs"  # the unknown loss is reported with its path later
-    raw["router"] = {**router, "name": "all" if signal == "topk" else "routed"}
+        return manager.get(kind.name, name), []
+    except UnknownComponentError as exc:  # reported with its path; parsing goes on
+        return None, [f"{exc} @ {path}"]
 
 
-def _check_top_k(config: RunConfig, options: dict[str, Any], manager: PluginManager) -> list[str]:
-    """A top-K loss must not ask a teacher for more candidates than its backend returns."""
-    top_k = getattr(options.get("loss"), "top_k", None)
-    if not top_k:
-        return []
-    problems = []
+def resolve_teachers(config: RunConfig, manager: PluginManager) -> tuple[TeacherRef, ...]:
+    """The one place teachers get their names and route values: ``name``, else ``route_value``,
+    else the model its backend says it serves (``TeacherSpec.model_of``), else its config path."""
+    refs = []
     for index, teacher in enumerate(config.teachers):
-        if f"teachers[{index}]" not in options:
-            continue
-        cap = manager.get("teacher", teacher.backend).max_top_k
-        if cap is not None and top_k > cap:
-            with attrs.validators.disabled():
-                name = teacher_key(attrs.evolve(teacher, options=options[f"teachers[{index}]"]), index)
-            problems.append(
-                f"top_k {top_k} exceeds what teacher '{name}' (backend '{teacher.backend}') can "
-                f"return (at most {cap}) @ loss.top_k"
-            )
-    return problems
+        model = None
+        if teacher.options is not None:
+            with contextlib.suppress(UnknownComponentError):
+                model = manager.get("teacher", teacher.backend).model_of(teacher.options)
+        route = teacher.route_value or model or f"teachers[{index}]"
+        refs.append(TeacherRef(name=teacher.name or route, route_value=route,
+                               prompt_key=teacher.teacher_messages_key, blend_weight=teacher.blend_weight,
+                               backend=teacher.backend, path=f"teachers[{index}]", options=teacher.options))
+    return tuple(refs)
 
 
-def _check_teacher_names(config: RunConfig, options: dict[str, Any]) -> list[str]:
+def config_context(config: RunConfig, manager: PluginManager, **built: Any) -> BuildContext:
+    """The :class:`BuildContext` of ``config``; ``built`` adds what exists once a run loads models
+    (``tokenizer``, ``student``). Config-time checks get it without them."""
+    top_k, signal = 0, "logprobs"
+    with contextlib.suppress(UnknownComponentError):
+        loss = manager.get("loss", config.loss.name)
+        signal = loss.teacher_signal
+        top_k = loss.top_k(config.loss.options) if config.loss.options is not None else 0
+    return BuildContext(run_config=config, output_dir=Path(config.output_dir), seed=config.seed,
+                        device=config.student.device, teachers=resolve_teachers(config, manager),
+                        top_k=top_k, teacher_signal=signal, **built)
+
+
+def _check_teacher_names(context: BuildContext) -> list[str]:
     """Teachers are addressed by name (routes, metrics): two with one name would shadow each other."""
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     problems = []
-    for index, teacher in enumerate(config.teachers):
-        with attrs.validators.disabled():  # problems of the entry itself are reported already
-            name = teacher_key(attrs.evolve(teacher, options=options.get(f"teachers[{index}]")), index)
-        if name in seen:
+    for teacher in context.teachers:
+        if teacher.name in seen:
             problems.append(
-                f"teacher name '{name}' is already used by teachers[{seen[name]}]; give one of them "
-                f"a distinct `name` @ teachers[{index}]"
+                f"teacher name '{teacher.name}' is already used by {seen[teacher.name]}; give one of "
+                f"them a distinct `name` @ {teacher.path}"
             )
-        seen.setdefault(name, index)
+        seen.setdefault(teacher.name, teacher.path)
     return problems
 
 
@@ -497,6 +500,21 @@ def _check_multi_teacher(config: RunConfig, manager: PluginManager) -> list[str]
             f"logprobs: use router 'routed' @ router.name"
         ]
     return []
+
+
+def _check_loss_kernel(config: RunConfig, manager: PluginManager) -> list[str]:
+    """``loss.kernel`` must name a kernel some plugin provides for this loss, device and dtype."""
+    try:
+        manager.select_loss_kernel(loss=config.loss.name, kernel=config.loss.kernel,
+                                   device=device_type(config.student.device), dtype=config.student.dtype)
+    except DistillError as exc:
+        return [f"{exc} @ loss.kernel"]
+    return []
+
+
+def device_type(device: str) -> str:
+    """``cuda:1`` -> ``cuda``: kernels are chosen per device type."""
+    return device.split(":", 1)[0]
 
 
 def _parse_value(text: str) -> Any:
@@ -587,14 +605,3 @@ def display_config(config: RunConfig) -> dict[str, Any]:
         return node
 
     return mask(converter.unstructure(config))
-
-
-def teacher_key(teacher: TeacherConfig, index: int) -> str:
-    """How a teacher is named in metrics: name, else route_value, else its model."""
-    return teacher.name or route_value(teacher, index)
-
-
-def route_value(teacher: TeacherConfig, index: int) -> str:
-    """The value of a row's route field that selects this teacher: route_value, else its model."""
-    model = getattr(teacher.options, "model", None)
-    return teacher.route_value or model or f"teachers[{index}]"

@@ -25,6 +25,7 @@ __all__ = [
     "TEACHER_MESSAGES_FALLBACKS",
     "Dataset",
     "load_dataset",
+    "derive_seed",
     "render_prompt",
     "DataCursor",
 ]
@@ -170,6 +171,11 @@ def load_dataset(
     return Dataset(str(path), tuple(rows), dict(skipped), first_line)
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """A seed of its own for epoch or step ``index`` of a run seeded with ``seed``."""
+    return seed * 1_000_003 + index
+
+
 class DataCursor:
     """Walks the rows epoch after epoch, each epoch a seeded permutation; resumable from its state."""
 
@@ -184,7 +190,7 @@ class DataCursor:
     def _permutation(self, epoch: int) -> list[int]:
         order = list(range(self.n_rows))
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(derive_seed(self.seed, epoch)).shuffle(order)
         return order
 
     def take(self, count: int) -> list[int]:

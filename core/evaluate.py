@@ -9,14 +9,18 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distill.config import RunConfig
-from distill.types import PromptRow, SamplingParams
+from distill.protocols import SkipRow
+from distill.types import PromptRow
 
-__all__ = ["extract_answer", "grade", "accuracy", "evaluate", "EVAL_SEED_OFFSET"]
+if TYPE_CHECKING:
+    from distill.scoring import TeacherPool
+
+__all__ = ["extract_answer", "grade", "accuracy", "evaluate", "teacher_accuracy", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 7_919  # eval sampling has its own seed: evaluating never moves training RNG
 
@@ -81,13 +85,7 @@ async def evaluate(
     sampled from the student with the run's sampling settings and a fixed seed.
     """
     graded = await grade(sampler, rows, tokenizer, config)
-    params = SamplingParams(
-        max_new_tokens=_max_new_tokens(config),
-        temperature=config.sampling.temperature,
-        top_k=config.sampling.top_k,
-        top_p=config.sampling.top_p,
-        n=1,
-    )
+    params = config.sampling.params(n=1, max_new_tokens=_max_new_tokens(config))
     rollouts = await sampler.sample(rows, params, seed=config.seed + EVAL_SEED_OFFSET)
     kept, targets = await score(rollouts)
     gaps = [(r.row, r.model_logprobs_C - t.logprobs_C) for r, t in zip(kept, targets, strict=True)]
@@ -110,3 +108,24 @@ async def evaluate(
             for route, parts in sorted(routes.items())
         }
     return result
+
+
+async def teacher_accuracy(
+    pool: TeacherPool, rows: Sequence[PromptRow], tokenizer: Any, config: RunConfig
+) -> dict[str, float | None]:
+    """Each generating teacher's accuracy on the rows routed to it alone, seeing its own prompt."""
+    by_teacher: dict[str, list[PromptRow]] = {}
+    for row in rows:
+        try:
+            names = pool.router.route(row)
+        except SkipRow:
+            continue
+        if len(names) == 1:
+            by_teacher.setdefault(names[0], []).append(row)
+    results: dict[str, float | None] = {}
+    for name, routed in by_teacher.items():
+        teacher = pool.teachers[name]
+        if teacher.supports_complete:
+            graded = await grade(teacher, routed, tokenizer, config, teacher_prompt_key=pool.refs[name].prompt_key)
+            results[name] = accuracy(graded)
+    return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from typing import Any
@@ -10,40 +11,22 @@ from typing import Any
 import attrs
 import pluggy
 
-from distill import hookspecs
 from distill.errors import (
     ComponentConflictError,
     PluginError,
     PluginLoadError,
     UnknownComponentError,
 )
-from distill.types import (
-    BlenderSpec,
-    CheckpointBackendSpec,
-    ComponentSpec,
-    LossSpec,
-    MetricSinkSpec,
-    RouterSpec,
-    RunInfo,
-    SamplerSpec,
-    TeacherSpec,
-)
+from distill.hookspecs import PROJECT_NAME
+from distill.kinds import REGISTRY, Kind, Registry
+from distill.protocols import missing_members
+from distill.types import ComponentSpec, RunInfo
 
 __all__ = ["ENTRY_POINT_GROUP", "DISABLE_ENV", "PluginInfo", "PluginManager"]
 
 ENTRY_POINT_GROUP = "distill.plugins"
 DISABLE_ENV = "DISTILL_DISABLE_PLUGINS"
-
-# kind -> (registration hook, spec class)
-_REGISTRATION_HOOKS: dict[str, tuple[str, type[ComponentSpec]]] = {
-    "sampler": ("distill_samplers", SamplerSpec),
-    "teacher": ("distill_teachers", TeacherSpec),
-    "router": ("distill_routers", RouterSpec),
-    "loss": ("distill_losses", LossSpec),
-    "blender": ("distill_blenders", BlenderSpec),
-    "checkpoint_backend": ("distill_checkpoint_backends", CheckpointBackendSpec),
-    "metric_sink": ("distill_metric_sinks", MetricSinkSpec),
-}
+RENAMED_PLUGINS = {"cuda_losses": "fused_losses"}  # old entry-point name -> new, for --disable-plugin
 
 
 @attrs.frozen
@@ -68,6 +51,13 @@ class _Provided:
     plugin: PluginInfo
 
 
+def _renamed(name: str) -> str:
+    if name in RENAMED_PLUGINS:
+        warnings.warn(f"plugin '{name}' is now called '{RENAMED_PLUGINS[name]}'; disable it by its new name",
+                      DeprecationWarning, stacklevel=3)
+    return RENAMED_PLUGINS.get(name, name)
+
+
 def disabled_from_env(environ: Mapping[str, str] = os.environ) -> set[str]:
     """Plugin names listed, comma-separated, in ``DISTILL_DISABLE_PLUGINS``."""
     return {name.strip() for name in environ.get(DISABLE_ENV, "").split(",") if name.strip()}
@@ -80,12 +70,16 @@ class PluginManager:
     then be added with :meth:`register`.
     """
 
-    def __init__(self, *, disabled: Iterable[str] = (), load_entry_points: bool = True) -> None:
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self._pm.add_hookspecs(hookspecs)
+    def __init__(
+        self, *, disabled: Iterable[str] = (), load_entry_points: bool = True, registry: Registry = REGISTRY
+    ) -> None:
+        self.registry = registry
+        self._pm = pluggy.PluginManager(PROJECT_NAME)
+        for namespace in registry.hookspecs:
+            self._pm.add_hookspecs(namespace)
         self._info: dict[str, PluginInfo] = {}
         self._components: dict[str, dict[str, _Provided]] | None = None
-        self.disabled = frozenset(disabled)
+        self.disabled = frozenset(_renamed(name) for name in disabled)
         if load_entry_points:
             self._load_entry_points()
 
@@ -142,26 +136,26 @@ class PluginManager:
     def _collect(self) -> dict[str, dict[str, _Provided]]:
         if self._components is not None:
             return self._components
-        collected: dict[str, dict[str, _Provided]] = {kind: {} for kind in _REGISTRATION_HOOKS}
+        collected: dict[str, dict[str, _Provided]] = {kind.name: {} for kind in self.registry.kinds}
         provides: dict[str, list[tuple[str, str]]] = {name: [] for name in self._info}
-        for kind, (hook_name, spec_cls) in _REGISTRATION_HOOKS.items():
-            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+        for kind in self.registry.kinds:
+            for impl in getattr(self._pm.hook, kind.hook).get_hookimpls():
                 info = self._info[impl.plugin_name]
                 for spec in impl.function() or ():
-                    if not isinstance(spec, spec_cls):
+                    if not isinstance(spec, kind.spec_cls):
                         raise PluginError(
-                            f"{info.provenance}: {hook_name}() returned {spec!r}, "
-                            f"expected {spec_cls.__name__} objects."
+                            f"{info.provenance}: {kind.hook}() returned {spec!r}, "
+                            f"expected {kind.spec_cls.__name__} objects."
                         )
-                    if spec.name in collected[kind]:
-                        other = collected[kind][spec.name].plugin
+                    if spec.name in collected[kind.name]:
+                        other = collected[kind.name][spec.name].plugin
                         raise ComponentConflictError(
-                            f"{kind.replace('_', ' ')} '{spec.name}' is registered twice: by "
+                            f"{kind.label} '{spec.name}' is registered twice: by "
                             f"{other.provenance} and by {info.provenance}. Uninstall or disable "
                             f"one of them (--disable-plugin NAME)."
                         )
-                    collected[kind][spec.name] = _Provided(spec, info)
-                    provides[info.name].append((kind, spec.name))
+                    collected[kind.name][spec.name] = _Provided(spec, info)
+                    provides[info.name].append((kind.name, spec.name))
         self._info = {
             name: attrs.evolve(info, components=tuple(provides.get(name, ())))
             for name, info in self._info.items()
@@ -187,8 +181,22 @@ class PluginManager:
         if self.disabled:
             hint = f" Disabled plugins: {', '.join(sorted(self.disabled))}."
         raise UnknownComponentError(
-            f"Unknown {kind.replace('_', ' ')} '{name}'. Available: {listed}.{hint}"
+            f"Unknown {self.registry.kind(kind).label} '{name}'. Available: {listed}.{hint}"
         )
+
+    def build(self, kind: str, name: str, options: Any, context: Any) -> Any:
+        """Build component ``name`` of ``kind`` and check the object keeps the kind's protocol."""
+        row: Kind = self.registry.kind(kind)
+        built = self.get(kind, name).factory(options, context)
+        missing = missing_members(built, row.protocol)
+        if missing:
+            provider = self.provider(kind, name)
+            raise PluginError(
+                f"{row.label} '{name}' from {provider.provenance} built a {type(built).__name__} "
+                f"without {', '.join(f'`{m}`' for m in missing)}. Subclass distill.{row.protocol.__name__} "
+                f"for the optional members' defaults and implement the rest."
+            )
+        return built
 
     def plugins(self) -> list[PluginInfo]:
         """Every registered plugin with its provenance and the components it registers."""

@@ -2,12 +2,15 @@
 
 Hooks describe components (``distill.types``); factories build objects satisfying these protocols;
 the loop only talks to these. Network and model I/O are ``async`` so remote backends can overlap.
+Optional capabilities are defaults here (a no-op ``aclose``, empty ``counters``,
+``supports_complete = False``): subclass the protocol to get them, and the loop calls them without
+probing. A factory's object is checked when it is built (:func:`missing_members`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "Component",
+    "missing_members",
     "Sampler",
     "TeacherScorer",
     "Router",
@@ -39,8 +44,28 @@ __all__ = [
 ]
 
 
+class Component(Protocol):
+    """Defaults every built component shares: nothing to close, nothing to count."""
+
+    async def aclose(self) -> None:
+        """Release connections and threads; awaited once when the run ends, however it ended."""
+
+    def counters(self) -> dict[str, Any]:
+        """Counters reported in ``summary.json`` (failed attempts, retries, ...)."""
+        return {}
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` (its methods and capability flags) that ``obj`` lacks."""
+    names = [
+        name for klass in protocol.__mro__ if klass not in (object, Protocol) and Protocol in klass.__mro__
+        for name in vars(klass) if not name.startswith("_")
+    ]
+    return sorted({name for name in names if not hasattr(obj, name)})
+
+
 @runtime_checkable
-class Sampler(Protocol):
+class Sampler(Component, Protocol):
     """Samples the student's rollouts."""
 
     async def sample(
@@ -58,8 +83,14 @@ class Sampler(Protocol):
 
 
 @runtime_checkable
-class TeacherScorer(Protocol):
-    """Scores exactly the tokens the student sampled."""
+class TeacherScorer(Component, Protocol):
+    """Scores exactly the tokens the student sampled.
+
+    ``supports_complete``: the teacher can also generate (``complete``), so a run reports its own
+    accuracy on the held-out rows.
+    """
+
+    supports_complete: ClassVar[bool] = False
 
     async def score(
         self, requests: Sequence[ScoreRequest], *, top_k: int
@@ -70,11 +101,9 @@ class TeacherScorer(Protocol):
         counted. Raise to stop the run (a teacher that stays down).
         """
 
-    def vocabulary(self) -> Mapping[str, int] | None:
-        """The teacher tokenizer's token -> id map, checked against the student's; None if unknown.
-
-        A teacher holding connections may also define ``async aclose()``; the run calls it at the end.
-        """
+    async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        """Greedy completion ids, when ``supports_complete``."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
 
 
 class SkipRow(Exception):
@@ -87,7 +116,10 @@ class SkipRow(Exception):
 
 @runtime_checkable
 class Router(Protocol):
-    """Chooses the teacher(s) that score a row."""
+    """Chooses the teacher(s) that score a row; ``route_key`` is the row field routes are read from
+    (per-route results use it)."""
+
+    route_key: ClassVar[str] = "teacher"
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         """Names of the teachers that score ``row``; raise :class:`SkipRow` to skip it."""
@@ -109,9 +141,6 @@ class Objective(Protocol):
     kernels never build [N, V] logits), then calls the objective. It returns the *sum* over tokens;
     the trainer normalises over the whole step.
     """
-
-    teacher_signal: str
-    top_k: int
 
     def target_ids(self, tokens: TokenBatch) -> torch.Tensor:
         """[N, K] vocabulary ids whose student logprobs the loss needs."""

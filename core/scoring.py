@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 
-from distill.align import AlignmentError
-from distill.protocols import SkipRow
-from distill.types import Rollout, ScoreFailure, ScoreRequest, TeacherScores, WeightedScores
+from distill.align import AlignmentError, check_length
+from distill.protocols import Blender, Router, SkipRow, TeacherScorer
+from distill.types import Rollout, ScoreFailure, ScoreRequest, TeacherRef, TeacherScores, WeightedScores
 
 __all__ = ["TeacherBook", "TeacherPool"]
 
@@ -53,22 +53,30 @@ class TeacherBook:
 
 @attrs.define
 class TeacherPool:
-    """The run's teachers by name, how each reads a row, and how rows reach them."""
+    """The run's teachers by name, how each reads a row (``refs``), and how rows reach them.
 
-    teachers: Mapping[str, Any]
-    prompt_keys: Mapping[str, str]
-    weights: Mapping[str, float]
-    router: Any
-    blender: Any
+    ``totals`` are the run's books per teacher, kept across resumes (:meth:`state_dict`).
+    """
+
+    teachers: Mapping[str, TeacherScorer]
+    refs: Mapping[str, TeacherRef]
+    router: Router
+    blender: Blender | None
     top_k: int
     totals: dict[str, TeacherBook] = attrs.field(factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: attrs.asdict(book) for name, book in self.totals.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.totals = {name: TeacherBook(**book) for name, book in state.items()}
 
     async def _score_one_teacher(
         self, name: str, rollouts: Sequence[Rollout], indices: list[int], book: TeacherBook
     ) -> list[TeacherScores | ScoreFailure]:
         requests = [
             ScoreRequest(
-                prompt_ids=rollouts[i].row.teacher_prompt_ids(self.prompt_keys[name]),
+                prompt_ids=rollouts[i].row.teacher_prompt_ids(self.refs[name].prompt_key),
                 completion_ids=tuple(rollouts[i].completion_ids_C.tolist()),
             )
             for i in indices
@@ -88,11 +96,7 @@ class TeacherPool:
                 continue
             scored.append(i)
             rollout = rollouts[i]
-            if scores.logprobs_C.shape != rollout.completion_ids_C.shape:
-                raise AlignmentError(
-                    f"teacher '{name}' returned {tuple(scores.logprobs_C.shape)} logprobs for a completion "
-                    f"of {rollout.completion_ids_C.shape[0]} tokens (dataset line {rollout.row.index})"
-                )
+            check_length(rollout, scores, f"teacher '{name}'")
             book.reverse_kl_sum += float((rollout.model_logprobs_C - scores.logprobs_C).sum())
         book.requests += len(requests)
         book.rows += len({rollouts[i].row.index for i in scored})
@@ -145,7 +149,7 @@ class TeacherPool:
                 target = per_rollout[i][names[0]]
             else:
                 target = self.blender.blend(
-                    [WeightedScores(name, self.weights[name], per_rollout[i][name]) for name in names],
+                    [WeightedScores(name, self.refs[name].blend_weight, per_rollout[i][name]) for name in names],
                     top_k=self.top_k,
                     where=f"dataset line {rollouts[i].row.index}",
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointBackendSpec",
     "MetricSinkSpec",
     "BuildContext",
+    "TeacherRef",
     "PromptRow",
     "SamplingParams",
     "Rollout",
@@ -34,7 +35,7 @@ __all__ = [
     "ScoreFailure",
 ]
 
-TeacherSignal = Literal["logprobs", "topk"]
+TeacherSignal = Literal["logprobs", "topk", "hidden"]
 
 
 def _normalise_name(name: str) -> str:
@@ -56,33 +57,52 @@ class ComponentSpec:
 
     ``factory(options, context)`` builds the working object; ``options`` is an instance of
     ``config_cls`` structured from the run config, ``context`` a :class:`BuildContext`.
-    Factories do the heavy imports and I/O, hooks stay cheap. ``check(options, run_config)``, if
+    Factories do the heavy imports and I/O, hooks stay cheap. ``check(options, context)``, if
     given, returns problems (``"message @ path"``) with the rest of the config, found at config
-    time (``distill-run validate``) rather than mid-run.
+    time (``distill-run validate``) rather than mid-run; its context has no tokenizer or student.
+    ``delegate(context)``, if given, makes the spec an alias: it returns the name of the component
+    of the same kind to use instead, chosen at config time (the built-in router ``auto`` picks
+    ``single``, ``routed`` or ``all``).
     """
 
     name: str = attrs.field(converter=_normalise_name)
     summary: str
     factory: Callable[[Any, BuildContext], Any]
     config_cls: type = NoOptions
-    check: Callable[[Any, Any], list[str]] | None = None
+    check: Callable[[Any, BuildContext], list[str]] | None = None
+    delegate: Callable[[BuildContext], str] | None = None
 
-    kind: ClassVar[str] = "component"
+
+def _no_model(options: Any) -> str | None:
+    return None
+
+
+def _no_tokenizer(options: Any, context: BuildContext) -> str | None:
+    return None
+
+
+def _no_top_k(options: Any) -> int:
+    return 0
 
 
 @attrs.frozen(kw_only=True)
 class SamplerSpec(ComponentSpec):
     """A student sampler: generates rollouts and reports their behaviour-policy logprobs."""
 
-    kind: ClassVar[str] = "sampler"
-
 
 @attrs.frozen(kw_only=True)
 class TeacherSpec(ComponentSpec):
-    """A teacher scorer. ``max_top_k`` caps the top-K it can return (None: up to the vocabulary)."""
+    """A teacher scorer.
 
-    max_top_k: int | None = None
-    kind: ClassVar[str] = "teacher"
+    ``model_of(options)`` names the model the teacher serves: its default name and route value.
+    ``tokenizer_of(options, context)`` says where its tokenizer can be loaded from, so a vocabulary
+    that differs from the student's is a config error (``distill-run validate`` catches it).
+    ``signals`` are the teacher signals it can produce (a remote teacher has no hidden states).
+    """
+
+    model_of: Callable[[Any], str | None] = _no_model
+    tokenizer_of: Callable[[Any, BuildContext], str | None] = _no_tokenizer
+    signals: frozenset[str] = frozenset({"logprobs", "topk"})
 
 
 @attrs.frozen(kw_only=True)
@@ -90,50 +110,72 @@ class RouterSpec(ComponentSpec):
     """Decides which teacher(s) score each row; ``multi_teacher`` routers may name several."""
 
     multi_teacher: bool = False
-    kind: ClassVar[str] = "router"
 
 
 @attrs.frozen(kw_only=True)
 class LossSpec(ComponentSpec):
-    """A training objective and the teacher signal it needs (per-token logprobs or top-K)."""
+    """A training objective and the teacher signal it needs.
+
+    ``top_k(options)`` is the number of teacher candidates per position the loss needs (0 for
+    none); teachers' config checks read it as ``context.top_k``.
+    """
 
     teacher_signal: TeacherSignal
-    kind: ClassVar[str] = "loss"
+    top_k: Callable[[Any], int] = _no_top_k
 
 
 @attrs.frozen(kw_only=True)
 class BlenderSpec(ComponentSpec):
     """Combines several teachers' top-K distributions into one target."""
 
-    kind: ClassVar[str] = "blender"
-
 
 @attrs.frozen(kw_only=True)
 class CheckpointBackendSpec(ComponentSpec):
     """Stores and restores resumable training state and the final student."""
-
-    kind: ClassVar[str] = "checkpoint_backend"
 
 
 @attrs.frozen(kw_only=True)
 class MetricSinkSpec(ComponentSpec):
     """Receives one metrics mapping per step."""
 
-    kind: ClassVar[str] = "metric_sink"
+
+@attrs.frozen(kw_only=True)
+class TeacherRef:
+    """One ``[[teachers]]`` entry as the rest of the run addresses it.
+
+    ``name`` keys metrics and pools (its ``name``, else ``route_value``, else its model);
+    ``route_value`` is the value of a row's route field that selects it; ``prompt_key`` the row
+    field holding the prompt it sees; ``path`` where it sits in the config (``teachers[1]``).
+    """
+
+    name: str
+    route_value: str
+    prompt_key: str
+    blend_weight: float
+    backend: str
+    path: str
+    options: Any = None
 
 
 @attrs.frozen(kw_only=True)
 class BuildContext:
-    """What a factory may use to build its component.
+    """What a factory (and a config-time check) may use.
 
-    ``student`` is the live student module owned by the trainer (a local sampler shares it, so
-    weight sync is free); ``tokenizer`` renders prompts for everyone, so all components work on ids.
+    ``teachers`` are the resolved teacher entries, ``top_k`` the teacher candidates the loss needs,
+    ``teacher_signal`` the signal it trains on, ``path`` where the component being built or checked
+    sits in the config. ``student`` is the live student module owned by the trainer (a local sampler
+    shares it, so weight sync is free); ``tokenizer`` renders prompts for everyone, so all
+    components work on ids. Config-time checks see no tokenizer and no student.
     """
 
     run_config: Any
     output_dir: Path
     seed: int
     device: str
+    teachers: tuple[TeacherRef, ...] = ()
+    top_k: int = 0
+    teacher_signal: TeacherSignal = "logprobs"
+    path: str = ""
     tokenizer: Any = None
     student: Any = None
 

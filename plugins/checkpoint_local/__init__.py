@@ -19,10 +19,7 @@ from typing import Any
 
 import attrs
 
-from distill import BuildContext, CheckpointBackendSpec, hookimpl
-from distill.config import positive
-from distill.errors import CheckpointError
-from distill.protocols import Checkpoint
+from distill import BuildContext, Checkpoint, CheckpointBackendSpec, CheckpointError, hookimpl, positive
 
 __all__ = ["LocalCheckpointOptions", "LocalCheckpoints"]
 

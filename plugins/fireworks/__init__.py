@@ -1,21 +1,23 @@
 """Built-in plugin ``fireworks``: teachers and the student sampler on OpenAI-compatible servers.
 
-Two dialects: ``fireworks`` (token-id prompts; scoring by ``echo`` + ``logprobs`` + ``top_logprobs``
+Two backends sharing one client, each speaking its server's dialect: ``fireworks`` (token-id prompts; scoring by ``echo`` + ``logprobs`` + ``top_logprobs``
 ≤ 5, candidates resolved by ``token_id``; sampling with ``raw_output`` ids and both ``logprob`` and
 ``sampling_logprob``) and ``vllm`` (scoring by ``prompt_logprobs`` keyed by token id, capped by the
 server's ``--max-logprobs``; sampling with ``return_token_ids``). The API key is read from the
 environment variable named by ``api_key_env`` and never stored in the config. httpx is imported
-only when a component is built.
+only when a component is built. ``backend = "fireworks"`` with ``dialect = "vllm"`` is the old
+spelling of ``backend = "vllm"``: it still works, with a deprecation warning.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl
-from distill.config import RunConfig, finite, non_negative, positive
+from distill import BuildContext, SamplerSpec, TeacherSpec, finite, hookimpl, non_negative, positive
 
 __all__ = ["RemoteOptions", "RemoteTeacherOptions", "RemoteSamplerOptions", "FIREWORKS_TOP_LOGPROBS_CAP"]
 
@@ -28,7 +30,7 @@ class RemoteOptions:
 
     base_url: str
     model: str
-    dialect: Literal["fireworks", "vllm"] = "fireworks"
+    dialect: Literal["fireworks", "vllm"] | None = None  # deprecated: the backend names the dialect
     api_key_env: str = "FIREWORKS_API_KEY"
     timeout_s: float = attrs.field(default=60.0, validator=[finite, positive])
     max_attempts: int = attrs.field(default=6, validator=positive)
@@ -67,51 +69,83 @@ class RemoteSamplerOptions(RemoteOptions):
         return "vllm" if self.dialect == "vllm" else "distill-serve"
 
 
-def _check(options: RemoteTeacherOptions, config: RunConfig) -> list[str]:
-    """A top-K larger than the dialect returns is a config error naming the cap."""
-    top_k = getattr(config.loss.options, "top_k", 0)
-    cap = FIREWORKS_TOP_LOGPROBS_CAP if options.dialect == "fireworks" else options.max_logprobs
-    if top_k <= cap:
-        return []
-    index = next(i for i, t in enumerate(config.teachers) if t.options is options)
-    where = "the Fireworks API's cap of 5 top_logprobs" if options.dialect == "fireworks" else (
-        f"the server's --max-logprobs ({cap}; set teachers[{index}].max_logprobs if it allows more)")
-    return [f"top_k {top_k} exceeds {where} for teacher teachers[{index}] @ loss.top_k"]
+Options = RemoteTeacherOptions | RemoteSamplerOptions
 
 
-def _check_sampler(options: RemoteSamplerOptions, config: RunConfig) -> list[str]:
-    """vLLM returns one kind of logprob per server (raw by default): the sampler needs both the
-    behaviour and the raw logprob, which are the same only when sampling is unfiltered at T = 1."""
-    sampling = config.sampling
-    if options.dialect != "vllm" or (sampling.temperature, sampling.top_k, sampling.top_p) == (1.0, 0, 1.0):
-        return []
-    return [("the vllm dialect returns raw logprobs only, which are the behaviour policy's only at "
-             "temperature 1 with no top_k/top_p: sample with those, or use the fireworks dialect "
-             "(logprob and sampling_logprob) @ sampling")]
+def _with_dialect(options: Options, backend: str, path: str) -> tuple[Options, list[str]]:
+    """The options with the backend's dialect filled in, and any contradiction between the two."""
+    if options.dialect is None or options.dialect == backend:
+        return attrs.evolve(options, dialect=backend), []
+    if backend == "fireworks":  # the old spelling of backend "vllm"
+        warnings.warn(f"{path}: backend = \"fireworks\" with dialect = \"vllm\" is deprecated; write "
+                      f"backend = \"vllm\"", DeprecationWarning, stacklevel=2)
+        return options, []
+    return options, [f"backend 'vllm' speaks the vllm dialect, got dialect = {options.dialect!r}; use "
+                     f"backend = \"fireworks\" for a Fireworks server @ {path}.dialect"]
 
 
-def _build_teacher(options: RemoteTeacherOptions, context: BuildContext) -> Any:
-    from distill.plugins.fireworks.teacher import RemoteTeacher
+def _check_teacher(backend: str) -> Callable[[RemoteTeacherOptions, BuildContext], list[str]]:
+    def check(options: RemoteTeacherOptions, context: BuildContext) -> list[str]:
+        """A top-K larger than the dialect returns is a config error naming the cap."""
+        options, problems = _with_dialect(options, backend, context.path)
+        cap = FIREWORKS_TOP_LOGPROBS_CAP if options.dialect == "fireworks" else options.max_logprobs
+        if context.top_k > cap:
+            where = "the Fireworks API's cap of 5 top_logprobs" if options.dialect == "fireworks" else (
+                f"the server's --max-logprobs ({cap}; set {context.path}.max_logprobs if it allows more)")
+            problems.append(f"top_k {context.top_k} exceeds {where} for teacher {context.path} @ loss.top_k")
+        return problems
 
-    return RemoteTeacher.build(options, context)
+    return check
 
 
-def _build_sampler(options: RemoteSamplerOptions, context: BuildContext) -> Any:
-    from distill.plugins.fireworks.sampler import RemoteSampler
+def _check_sampler(backend: str) -> Callable[[RemoteSamplerOptions, BuildContext], list[str]]:
+    def check(options: RemoteSamplerOptions, context: BuildContext) -> list[str]:
+        """vLLM returns one kind of logprob per server (raw by default): the sampler needs both the
+        behaviour and the raw logprob, the same only when sampling is unfiltered at T = 1."""
+        options, problems = _with_dialect(options, backend, context.path)
+        sampling = context.run_config.sampling
+        if options.dialect == "vllm" and (sampling.temperature, sampling.top_k, sampling.top_p) != (1.0, 0, 1.0):
+            problems.append("the vllm dialect returns raw logprobs only, which are the behaviour policy's only at "
+                            "temperature 1 with no top_k/top_p: sample with those, or use a fireworks backend "
+                            "(logprob and sampling_logprob) @ sampling")
+        return problems
 
-    return RemoteSampler.build(options, context)
+    return check
+
+
+def _teacher_factory(backend: str) -> Callable[[RemoteTeacherOptions, BuildContext], Any]:
+    def build(options: RemoteTeacherOptions, context: BuildContext) -> Any:
+        from distill.plugins.fireworks.teacher import RemoteTeacher
+
+        return RemoteTeacher.build(_with_dialect(options, backend, context.path)[0], context)
+
+    return build
+
+
+def _sampler_factory(backend: str) -> Callable[[RemoteSamplerOptions, BuildContext], Any]:
+    def build(options: RemoteSamplerOptions, context: BuildContext) -> Any:
+        from distill.plugins.fireworks.sampler import RemoteSampler
+
+        return RemoteSampler.build(_with_dialect(options, backend, context.path)[0], context)
+
+    return build
+
+
+_SERVERS = {"fireworks": "Fireworks (or any server speaking its dialect)", "vllm": "vLLM"}
 
 
 @hookimpl
 def distill_teachers() -> list[TeacherSpec]:
     return [
         TeacherSpec(
-            name="fireworks",
-            summary="A teacher on an OpenAI-compatible server (Fireworks or vLLM dialect) over HTTP.",
+            name=backend,
+            summary=f"A teacher on a {server} server over HTTP.",
             config_cls=RemoteTeacherOptions,
-            factory=_build_teacher,
-            check=_check,
+            factory=_teacher_factory(backend),
+            check=_check_teacher(backend),
+            model_of=lambda options: options.model,
         )
+        for backend, server in _SERVERS.items()
     ]
 
 
@@ -119,10 +153,11 @@ def distill_teachers() -> list[TeacherSpec]:
 def distill_samplers() -> list[SamplerSpec]:
     return [
         SamplerSpec(
-            name="fireworks",
-            summary="The student on an OpenAI-compatible server (Fireworks or vLLM dialect), weights synced each step.",
+            name=backend,
+            summary=f"The student on a {server} server, its weights synced after every step.",
             config_cls=RemoteSamplerOptions,
-            factory=_build_sampler,
-            check=_check_sampler,
+            factory=_sampler_factory(backend),
+            check=_check_sampler(backend),
         )
+        for backend, server in _SERVERS.items()
     ]

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import attrs
 import httpx
+from distill import DistillError
 
-from distill.errors import DistillError
 
 __all__ = ["AdaptiveWindow", "Invalid", "JsonClient", "RequestFailed", "RetryPolicy", "client_for", "finite",
            "indexed_choices"]

@@ -21,9 +21,17 @@ import attrs
 import structlog
 import torch
 
-from distill import BuildContext, PromptRow, Rollout, SamplingParams, ScoreRequest
-from distill.errors import ConfigError, DistillError
-from distill.modeling import final_hidden_states, head_weight
+from distill import (
+    BuildContext,
+    ConfigError,
+    DistillError,
+    PromptRow,
+    Rollout,
+    SamplingParams,
+    ScoreRequest,
+    final_hidden_states,
+    head_weight,
+)
 from distill.plugins.fireworks.client import (
     Invalid,
     JsonClient,
@@ -188,7 +196,7 @@ class RemoteSampler:
         return cls(
             client_for(options, context.seed),
             model=options.model,
-            dialect=options.dialect,
+            dialect=options.dialect or "fireworks",
             student=context.student,
             sync=options.sync_kind,
             weights_dir=weights_dir.resolve(),

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from distill import ScoreRequest
 from distill.plugins.hf.generation import generate, special_ids
-from distill.types import ScoreRequest
 
 __all__ = ["FaultPlan", "build_app", "main"]
 

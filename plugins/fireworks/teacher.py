@@ -13,10 +13,8 @@ from typing import Any
 
 import torch
 
-from distill import BuildContext, ScoreRequest, TeacherScores
-from distill.errors import DistillError
+from distill import BuildContext, DistillError, ScoreFailure, ScoreRequest, TeacherScores
 from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for, finite, indexed_choices
-from distill.types import ScoreFailure
 
 __all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs", "scoring_request"]
 
@@ -129,7 +127,7 @@ class RemoteTeacher:
 
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
-        return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect,
+        return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect or "fireworks",
                    max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size)
 
     def vocabulary(self) -> Mapping[str, int] | None:

@@ -7,12 +7,12 @@ transformers is imported only when a component is built.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl
-from distill.config import positive
+from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl, positive, resolve_path
 
 __all__ = ["HFSamplerOptions", "HFTeacherOptions"]
 
@@ -42,6 +42,12 @@ def _build_teacher(options: HFTeacherOptions, context: BuildContext) -> Any:
     return HFTeacher.build(options, context)
 
 
+def _tokenizer_of(options: HFTeacherOptions, context: BuildContext) -> str | None:
+    """The model's folder when it holds a tokenizer, or a hub id; None for a bare weights folder."""
+    path = resolve_path(options.model, context.run_config)
+    return path if Path(path, "tokenizer_config.json").exists() or not Path(path).exists() else None
+
+
 @hookimpl
 def distill_samplers() -> list[SamplerSpec]:
     return [
@@ -62,5 +68,7 @@ def distill_teachers() -> list[TeacherSpec]:
             summary="A local transformers model: per-token logprobs and top-K up to the vocabulary.",
             config_cls=HFTeacherOptions,
             factory=_build_teacher,
+            model_of=lambda options: options.model,
+            tokenizer_of=_tokenizer_of,
         )
     ]

@@ -7,14 +7,13 @@ from typing import Any
 
 import torch
 
-from distill import BuildContext, PromptRow, Rollout, SamplingParams
-from distill.errors import ConfigError
+from distill import BuildContext, ConfigError, PromptRow, Rollout, Sampler, SamplingParams
 from distill.plugins.hf.generation import generate, greedy_complete
 
 __all__ = ["HFSampler"]
 
 
-class HFSampler:
+class HFSampler(Sampler):
     def __init__(self, model: Any, tokenizer: Any, batch_size: int) -> None:
         self.model = model
         self.batch_size = batch_size

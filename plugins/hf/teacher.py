@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distill import BuildContext, ScoreRequest, TeacherScores
-from distill.align import completion_positions
-from distill.config import resolve_path
-from distill.modeling import final_hidden_states, head_weight
+from distill import (
+    BuildContext,
+    ScoreRequest,
+    TeacherScorer,
+    TeacherScores,
+    completion_positions,
+    final_hidden_states,
+    head_weight,
+    resolve_path,
+)
 from distill.plugins.hf.generation import greedy_complete, special_ids
 
 __all__ = ["HFTeacher"]
 
 
-class HFTeacher:
+class HFTeacher(TeacherScorer):
+    supports_complete = True
+
     def __init__(self, model: Any, tokenizer: Any | None, batch_size: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -35,9 +43,6 @@ class HFTeacher:
         if Path(path, "tokenizer_config.json").exists() or not Path(path).exists():
             tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, options.batch_size)
-
-    def vocabulary(self) -> Mapping[str, int] | None:
-        return None if self.tokenizer is None else self.tokenizer.get_vocab()
 
     @torch.inference_mode()
     def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:

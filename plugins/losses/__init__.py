@@ -35,6 +35,7 @@ def distill_losses() -> list[LossSpec]:
             teacher_signal="topk",
             config_cls=TopKForwardKLOptions,
             factory=lambda options, context: TopKForwardKL(options),
+            top_k=lambda options: options.top_k,
         ),
     ]
 

@@ -10,9 +10,8 @@ from typing import Literal
 
 import attrs
 import torch
+from distill import TokenBatch, finite, positive
 
-from distill.align import TokenBatch
-from distill.config import finite, positive
 
 __all__ = ["SampledReverseKLOptions", "SampledReverseKL", "TopKForwardKLOptions", "TopKForwardKL"]
 
@@ -31,9 +30,6 @@ class SampledReverseKL:
     ∇ KL(student ‖ teacher). ``baseline = "model"`` uses the untempered model logprob, the exact
     reverse KL of the raw policy when sampling used a temperature or filters.
     """
-
-    teacher_signal = "logprobs"
-    top_k = 0
 
     def __init__(self, options: SampledReverseKLOptions) -> None:
         self.options = options
@@ -69,11 +65,8 @@ class TopKForwardKLOptions:
 class TopKForwardKL:
     """``L = −Σ_t Σ_j q_tj · log π(k_tj)``, ``q_t = softmax(teacher top-K logprobs)`` (renormalised)."""
 
-    teacher_signal = "topk"
-
     def __init__(self, options: TopKForwardKLOptions) -> None:
         self.options = options
-        self.top_k = options.top_k
 
     def target_ids(self, tokens: TokenBatch) -> torch.Tensor:
         return tokens.teacher_topk_ids_N_K

@@ -5,6 +5,8 @@
   ``row[route_key]``; rows with a missing, non-string or unknown value are skipped and counted as
   ``unknown_route:<value>``, or stop the run with ``on_unknown_route = "error"``.
 * ``all``: every teacher with a positive ``blend_weight`` scores every row, for top-K blending.
+* ``auto`` (the default): ``single`` with one teacher; with several, ``all`` for a top-K loss
+  (blending) and ``routed`` otherwise. Chosen at config time; the config records the choice.
 """
 
 from __future__ import annotations
@@ -13,31 +15,26 @@ from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, NoOptions, PromptRow, RouterSpec, hookimpl
-from distill.config import RunConfig, route_value, teacher_key
-from distill.errors import DistillError
-from distill.protocols import SkipRow
+from distill import BuildContext, DistillError, NoOptions, PromptRow, Router, RouterSpec, SkipRow, hookimpl
 
-__all__ = ["SingleRouter", "RoutedOptions", "RoutedRouter", "AllRouter"]
+__all__ = ["SingleRouter", "RoutedOptions", "RoutedRouter", "AllRouter", "choose_router"]
 
 
-class SingleRouter:
+class SingleRouter(Router):
     """Every row is scored by the only teacher."""
-
-    route_key = "teacher"
 
     def __init__(self, teacher: str) -> None:
         self.teacher = teacher
 
     @staticmethod
-    def check(options: Any, config: RunConfig) -> list[str]:
-        if len(config.teachers) != 1:
-            return [f"router 'single' needs exactly one teacher, got {len(config.teachers)} @ router.name"]
+    def check(options: Any, context: BuildContext) -> list[str]:
+        if len(context.teachers) != 1:
+            return [f"router 'single' needs exactly one teacher, got {len(context.teachers)} @ router.name"]
         return []
 
     @classmethod
     def build(cls, options: NoOptions, context: BuildContext) -> SingleRouter:
-        return cls(teacher_key(context.run_config.teachers[0], 0))
+        return cls(context.teachers[0].name)
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         return (self.teacher,)
@@ -49,7 +46,7 @@ class RoutedOptions:
     on_unknown_route: Literal["skip", "error"] = "skip"
 
 
-class RoutedRouter:
+class RoutedRouter(Router):
     """Routed MOPD: ``row[route_key]`` selects exactly one teacher by its ``route_value``."""
 
     def __init__(self, routes: dict[str, str], options: RoutedOptions) -> None:
@@ -58,24 +55,21 @@ class RoutedRouter:
         self.on_unknown = options.on_unknown_route
 
     @staticmethod
-    def check(options: RoutedOptions, config: RunConfig) -> list[str]:
-        seen: dict[str, int] = {}
+    def check(options: RoutedOptions, context: BuildContext) -> list[str]:
+        seen: dict[str, str] = {}
         problems = []
-        for index, teacher in enumerate(config.teachers):
-            value = route_value(teacher, index)
-            if value in seen:
+        for teacher in context.teachers:
+            if teacher.route_value in seen:
                 problems.append(
-                    f"route value '{value}' is already used by teachers[{seen[value]}]; each teacher "
-                    f"needs its own route_value @ teachers[{index}].route_value"
+                    f"route value '{teacher.route_value}' is already used by {seen[teacher.route_value]}; "
+                    f"each teacher needs its own route_value @ {teacher.path}.route_value"
                 )
-            seen.setdefault(value, index)
+            seen.setdefault(teacher.route_value, teacher.path)
         return problems
 
     @classmethod
     def build(cls, options: RoutedOptions, context: BuildContext) -> RoutedRouter:
-        teachers = context.run_config.teachers
-        routes = {route_value(t, i): teacher_key(t, i) for i, t in enumerate(teachers)}
-        return cls(routes, options)
+        return cls({t.route_value: t.name for t in context.teachers}, options)
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         value = row.metadata.get(self.route_key)
@@ -91,32 +85,42 @@ class RoutedRouter:
         raise SkipRow(f"unknown_route:{shown}")
 
 
-class AllRouter:
+class AllRouter(Router):
     """Every teacher with a positive blend weight scores every row (zero-weight teachers do not)."""
-
-    route_key = "teacher"
 
     def __init__(self, teachers: tuple[str, ...]) -> None:
         self.teachers = teachers
 
     @staticmethod
-    def check(options: Any, config: RunConfig) -> list[str]:
-        if not any(t.blend_weight > 0 for t in config.teachers):
+    def check(options: Any, context: BuildContext) -> list[str]:
+        if not any(t.blend_weight > 0 for t in context.teachers):
             return ["router 'all' needs at least one teacher with blend_weight > 0 @ teachers"]
         return []
 
     @classmethod
     def build(cls, options: NoOptions, context: BuildContext) -> AllRouter:
-        teachers = context.run_config.teachers
-        return cls(tuple(teacher_key(t, i) for i, t in enumerate(teachers) if t.blend_weight > 0))
+        return cls(tuple(t.name for t in context.teachers if t.blend_weight > 0))
 
     def route(self, row: PromptRow) -> tuple[str, ...]:
         return self.teachers
 
 
+def choose_router(context: BuildContext) -> str:
+    """``auto``: one teacher -> single; several -> all (blend) for a top-K loss, else routed."""
+    if len(context.teachers) <= 1:
+        return "single"
+    return "all" if context.teacher_signal == "topk" else "routed"
+
+
 @hookimpl
 def distill_routers() -> list[RouterSpec]:
     return [
+        RouterSpec(
+            name="auto",
+            summary="single with one teacher; with several, all for a top-K loss, else routed.",
+            factory=lambda options, context: None,  # never built: it names another router
+            delegate=choose_router,
+        ),
         RouterSpec(
             name="single",
             summary="Every row is scored by the one configured teacher.",

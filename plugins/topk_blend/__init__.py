@@ -12,8 +12,15 @@ from collections.abc import Sequence
 
 import torch
 
-from distill import BlenderSpec, BuildContext, NoOptions, TeacherScores, WeightedScores, hookimpl
-from distill.errors import DistillError
+from distill import (
+    BlenderSpec,
+    BuildContext,
+    DistillError,
+    NoOptions,
+    TeacherScores,
+    WeightedScores,
+    hookimpl,
+)
 
 __all__ = ["BlendError", "ProbabilityUnion"]
 

@@ -56,8 +56,8 @@ def test_every_error_is_reported_at_once_with_its_path(manager):
         "must be > 0, got 0.0 @ sampling.temperature",
         "must be > 0, got 0 @ train.steps",
         "must be > 0, got -1.0 @ train.learning_rate",
-        "Unknown loss 'fkl'. Available: sampled_reverse_kl, topk_forward_kl. @ loss.name",
         "unknown key(s) 'colour' @ teachers[0]",
+        "Unknown loss 'fkl'. Available: sampled_reverse_kl, topk_forward_kl. @ loss.name",
     ]
     assert str(err.value).startswith("5 config error(s) in run.toml:\n  - must be > 0, got 0.0 @ sampling.temperature")
 
@@ -105,9 +105,17 @@ def test_topk_larger_than_a_teacher_cap_is_a_config_error(manager):
         model: str = "m"
 
     class Capped:
+        @staticmethod
+        def check(options, context):
+            if context.top_k > 5:
+                return [f"top_k {context.top_k} exceeds what teacher '{context.teachers[0].name}' can return "
+                        f"(at most 5) @ loss.top_k"]
+            return []
+
         @hookimpl
         def distill_teachers(self):
-            return [TeacherSpec(name="capped", summary="", config_cls=CappedOptions, factory=None, max_top_k=5)]
+            return [TeacherSpec(name="capped", summary="", config_cls=CappedOptions, factory=None,
+                                check=self.check, model_of=lambda options: options.model)]
 
     manager.register(Capped(), name="capped")
     raw = _raw()
@@ -116,7 +124,7 @@ def test_topk_larger_than_a_teacher_cap_is_a_config_error(manager):
     with pytest.raises(ConfigError) as err:
         parse_config(raw, manager)
     assert err.value.problems == [
-        "top_k 8 exceeds what teacher 'm' (backend 'capped') can return (at most 5) @ loss.top_k"
+        "top_k 8 exceeds what teacher 'm' can return (at most 5) @ loss.top_k"
     ]
 
 
@@ -167,7 +175,7 @@ def test_validate_command_prints_every_error_and_exits_non_zero(tmp_path):
     assert proc.stderr == (
         f"distill-run: 2 config error(s) in {config}:\n"
         "  - must be > 0, got -3 @ train.steps\n"
-        "  - Unknown teacher 'nope'. Available: fireworks, hf. @ teachers[0].backend\n"
+        "  - Unknown teacher 'nope'. Available: fireworks, hf, vllm. @ teachers[0].backend\n"
     )
 
 

@@ -1,20 +1,24 @@
 """The teacher pool: per-teacher prompts line up with the student's tokens, teachers score concurrently."""
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill import TeacherScores
+from distill import TeacherRef, TeacherScorer, TeacherScores
 from distill.plugins.hf.teacher import HFTeacher
 from distill.plugins.routing import RoutedOptions, RoutedRouter
 from distill.scoring import TeacherPool
 from distill.types import PromptRow, Rollout
 
 STUDENT_PROMPT = (2, 30, 31, 5, 3)
+
+
+def _refs(**prompt_keys):
+    return {name: TeacherRef(name=name, route_value=name, prompt_key=key, blend_weight=1.0, backend="test",
+                             path=f"teachers[{i}]") for i, (name, key) in enumerate(prompt_keys.items())}
 
 
 def _rollout(row, completion):
@@ -27,7 +31,7 @@ def _rollout(row, completion):
 def test_privileged_teacher_scores_the_students_tokens_after_its_own_prompt(tiny_models, teacher_prompt):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
     completion = [20, 21, 22, 1]
-    pool = TeacherPool(teachers={"t": HFTeacher(model, None, 8)}, prompt_keys={"t": "hint"}, weights={"t": 1.0},
+    pool = TeacherPool(teachers={"t": HFTeacher(model, None, 8)}, refs=_refs(t="hint"),
                        router=RoutedRouter({"x": "t"}, RoutedOptions()), blender=None, top_k=0)
     row = PromptRow(index=1, messages=(), prompt_ids=STUDENT_PROMPT, teacher_prompts={"hint": teacher_prompt},
                     metadata={"teacher": "x"})
@@ -40,29 +44,30 @@ def test_privileged_teacher_scores_the_students_tokens_after_its_own_prompt(tiny
     assert books["t"].rows == 1 and books["t"].tokens == 4 and books["t"].requests == 1
 
 
-class _SlowTeacher:
-    def __init__(self, delay):
-        self.delay = delay
+class _SlowTeacher(TeacherScorer):
+    """Counts the teachers scoring at once across every instance sharing ``gauge``."""
+
+    def __init__(self, gauge):
+        self.gauge = gauge
 
     async def score(self, requests, *, top_k):
-        await asyncio.sleep(self.delay)
+        self.gauge["now"] += 1
+        self.gauge["peak"] = max(self.gauge["peak"], self.gauge["now"])
+        await asyncio.sleep(0.01)
+        self.gauge["now"] -= 1
         return [TeacherScores(logprobs_C=torch.full((len(r.completion_ids),), -1.0)) for r in requests]
-
-    def vocabulary(self):
-        return None
 
 
 def test_teachers_score_concurrently_and_keep_their_own_books():
-    pool = TeacherPool(teachers={"a": _SlowTeacher(0.3), "b": _SlowTeacher(0.3)}, prompt_keys={"a": "m", "b": "m"},
-                       weights={"a": 1.0, "b": 1.0}, router=RoutedRouter({"a": "a", "b": "b"}, RoutedOptions()),
-                       blender=None, top_k=0)
+    gauge = {"now": 0, "peak": 0}
+    pool = TeacherPool(teachers={"a": _SlowTeacher(gauge), "b": _SlowTeacher(gauge)}, refs=_refs(a="m", b="m"),
+                       router=RoutedRouter({"a": "a", "b": "b"}, RoutedOptions()), blender=None, top_k=0)
     rows = [PromptRow(index=i, messages=(), prompt_ids=(1, 2), metadata={"teacher": r})
             for i, r in enumerate(["a", "b", "b", "zzz"])]
     rollouts = [_rollout(row, [3, 4, 5]) for row in rows for _ in range(2)]
     skipped = Counter()
-    start = time.perf_counter()
     kept, targets, books = asyncio.run(pool.score(rollouts, skipped))
-    assert time.perf_counter() - start < 0.5  # 0.3 s each, overlapped
+    assert gauge["peak"] == 2  # both teachers were scoring at the same time
     assert [r.row.index for r in kept] == [0, 0, 1, 1, 2, 2]
     assert skipped == {"unknown_route:zzz": 1}  # once per row, not per completion
     assert (books["a"].rows, books["a"].requests, books["a"].tokens) == (1, 2, 6)

@@ -104,4 +104,3 @@ def test_teacher_top_k_up_to_the_whole_vocabulary(model, tokenizer):
         assert score.topk_ids_C_K.shape == (3, V)
         torch.testing.assert_close(score.topk_logprobs_C_K.exp().sum(-1), torch.ones(3), atol=1e-5, rtol=1e-5)
         assert (score.topk_logprobs_C_K[:, :-1] >= score.topk_logprobs_C_K[:, 1:]).all()
-    assert teacher.vocabulary() == tokenizer.get_vocab()

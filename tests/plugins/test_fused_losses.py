@@ -19,7 +19,7 @@ from distill.errors import PluginError
 from distill.loop import run
 from distill.manager import PluginManager
 from distill.modeling import completion_hidden_states, head_weight
-from distill.plugins.cuda_losses import ChunkedKernel
+from distill.plugins.fused_losses import ChunkedKernel
 from distill.plugins.losses import REFERENCE_KERNEL, SampledReverseKL, TopKForwardKL
 from distill.plugins.losses.objectives import SampledReverseKLOptions, TopKForwardKLOptions
 
@@ -33,7 +33,7 @@ def _triton_kernel():
     pytest.importorskip("triton", reason="triton is an optional extra: pip install -e '.[triton]'")
     if not (INTERPRETING or torch.cuda.is_available()):
         pytest.skip("no CUDA device: run Triton checks with TRITON_INTERPRET=1 python -m pytest -m triton")
-    from distill.plugins.cuda_losses.triton_kernel import TritonKernel
+    from distill.plugins.fused_losses.triton_kernel import TritonKernel
 
     return TritonKernel(block_n=16, block_v=16, block_h=16)
 

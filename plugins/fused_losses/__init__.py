@@ -1,4 +1,4 @@
-"""Built-in plugin ``cuda_losses``: loss kernels that never build the [N, V] logits.
+"""Built-in plugin ``fused_losses``: loss kernels that never build the [N, V] logits.
 
 ``chunked`` (torch, any device) claims ``loss.kernel = "auto"`` everywhere but on CUDA with triton
 installed, where ``triton`` claims it. Both can be forced by name; ``reference`` (plugin
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from distill import hookimpl
-from distill.errors import PluginError
-from distill.plugins.cuda_losses.chunked import CHUNKED_KERNEL, ChunkedKernel
+from distill import PluginError, hookimpl
+from distill.plugins.fused_losses.chunked import CHUNKED_KERNEL, ChunkedKernel
 
 __all__ = ["CHUNKED_KERNEL", "ChunkedKernel"]
 
@@ -28,7 +27,7 @@ def distill_select_loss_kernel(loss: str, kernel: str, device: str, dtype: str):
                 "loss.kernel = \"triton\" needs triton: pip install 'distill[triton]' "
                 "(or use loss.kernel = \"auto\")."
             )
-        from distill.plugins.cuda_losses.triton_kernel import TRITON_KERNEL
+        from distill.plugins.fused_losses.triton_kernel import TRITON_KERNEL
 
         return TRITON_KERNEL
     if kernel in ("auto", CHUNKED_KERNEL.name):
