@@ -9,7 +9,7 @@ from distill.align import TokenBatch, completion_positions
 from distill.config import finite, non_negative, positive, resolve_path, unit_interval
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
-from distill.modeling import completion_hidden_states, final_hidden_states, head_weight
+from distill.modeling import completion_hidden_states, final_hidden_states, full_logprobs, head_weight
 from distill.protocols import (
     Blender,
     Checkpoint,
@@ -25,6 +25,7 @@ from distill.protocols import (
 )
 from distill.types import (
     BlenderSpec,
+    ComponentSpec,
     BuildContext,
     CheckpointBackendSpec,
     LossSpec,
@@ -52,6 +53,7 @@ __all__ = [
     "completion_positions",
     "completion_hidden_states",
     "final_hidden_states",
+    "full_logprobs",
     "head_weight",
     "CheckpointError",
     "ConfigError",
@@ -76,6 +78,7 @@ __all__ = [
     "TeacherScorer",
     "TokenBatch",
     "BlenderSpec",
+    "ComponentSpec",
     "BuildContext",
     "CheckpointBackendSpec",
     "LossSpec",

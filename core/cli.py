@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar; log every step instead")
     run.set_defaults(resume="auto")
 
-    validate = commands.add_parser("validate", help="check a config and report every problem at once")
+    validate = commands.add_parser(
+        "validate", help="check a config (and the tokenizers it names) and report every problem at once")
     validate.add_argument("config")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
 
@@ -112,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         config = load_config(args.config, manager, args.overrides)
         if args.command == "validate":
+            from distill.preflight import preflight
+
+            preflight(config, manager)
             print(json.dumps(display_config(config), indent=1))
             print(f"{args.config}: valid", file=sys.stderr)
             return 0

@@ -13,7 +13,7 @@ import torch
 
 from distill.errors import DistillError
 
-__all__ = ["head_weight", "final_hidden_states", "completion_hidden_states"]
+__all__ = ["head_weight", "final_hidden_states", "completion_hidden_states", "full_logprobs"]
 
 _UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
@@ -53,3 +53,10 @@ def completion_hidden_states(
     hidden_B_L_H = final_hidden_states(model, input_ids_B_L, attention_mask_B_L)
     rows_B_C = torch.arange(positions_B_C.shape[0], device=positions_B_C.device)[:, None].expand_as(positions_B_C)
     return hidden_B_L_H[rows_B_C[mask_B_C], positions_B_C[mask_B_C]]
+
+
+def full_logprobs(hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(h @ W.T)`` [N, V] in at least fp32: the plain way, for references, probes and
+    teachers scoring a few rows (training goes through a loss kernel instead)."""
+    dtype = torch.promote_types(hidden_N_H.dtype, torch.float32)
+    return torch.log_softmax(hidden_N_H.to(dtype) @ weight_V_H.to(dtype).T, dim=-1)

@@ -60,6 +60,47 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"student": root / "student", "teacher": root / "teacher", "tokenizer": root / "tokenizer"}
 
 
+def documentation_gaps(manager, docs: Path) -> list[str]:
+    """What ``docs/`` does not document, read from the code: a ``### hook`` section in plugins.md
+    naming each of the hook's arguments; each field of the run config's sections in
+    configuration.md; each option of each installed component somewhere in the docs."""
+    import re
+
+    import attrs
+
+    plugins_md = (docs / "plugins.md").read_text()
+    sections = dict(re.findall(r"^### `?(\w+)`?\n(.*?)(?=^##)", plugins_md + "\n##", flags=re.MULTILINE | re.DOTALL))
+    gaps = []
+    for name in sorted(n for n in dir(manager.hook) if n.startswith("distill_")):
+        if name not in sections:
+            gaps.append(f"plugins.md has no '### {name}' section")
+            continue
+        gaps += [f"plugins.md's {name} section does not name its argument `{arg}`"
+                 for arg in getattr(manager.hook, name).spec.argnames if f"`{arg}`" not in sections[name]]
+
+    configuration_md = (docs / "configuration.md").read_text()
+    everything = "\n".join(path.read_text() for path in sorted(docs.glob("*.md")))
+
+    def fields(cls, text, where, seen):
+        if cls in seen:
+            return
+        seen.add(cls)
+        attrs.resolve_types(cls)
+        for field in attrs.fields(cls):
+            if field.name not in ("options", "source") and f"`{field.name}`" not in text:
+                gaps.append(f"{where} does not document {cls.__name__}.{field.name}")
+            if attrs.has(field.type):
+                fields(field.type, text, where, seen)
+
+    seen: set[type] = set()
+    fields(manager.registry.run_config, configuration_md, "configuration.md", seen)
+    for kind in manager.registry.kinds:
+        fields(kind.config_cls, configuration_md, "configuration.md", seen)
+        for spec in manager.components(kind.name).values():
+            fields(spec.config_cls, everything, "docs/", seen)
+    return gaps
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -19,7 +19,15 @@ from typing import Any
 
 import attrs
 
-from distill import BuildContext, Checkpoint, CheckpointBackendSpec, CheckpointError, hookimpl, positive
+from distill import (
+    BuildContext,
+    Checkpoint,
+    CheckpointBackend,
+    CheckpointBackendSpec,
+    CheckpointError,
+    hookimpl,
+    positive,
+)
 
 __all__ = ["LocalCheckpointOptions", "LocalCheckpoints"]
 
@@ -43,7 +51,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-class LocalCheckpoints:
+class LocalCheckpoints(CheckpointBackend):
     def __init__(self, root: Path, final_dir: Path, keep_last: int) -> None:
         self.root = root
         self.final_dir = final_dir

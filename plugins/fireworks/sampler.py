@@ -27,9 +27,11 @@ from distill import (
     DistillError,
     PromptRow,
     Rollout,
+    Sampler,
     SamplingParams,
     ScoreRequest,
     final_hidden_states,
+    full_logprobs,
     head_weight,
 )
 from distill.plugins.fireworks.client import (
@@ -148,13 +150,12 @@ def _local_logprobs(model: Any, ids: Sequence[int]) -> torch.Tensor:
     try:
         input_ids = torch.tensor([list(ids)], device=model.device)
         hidden = final_hidden_states(model, input_ids, torch.ones_like(input_ids))[0, :-1]
-        logits = hidden.float() @ head_weight(model).float().T
-        return logits.log_softmax(-1).gather(1, input_ids[0, 1:, None]).squeeze(1).cpu()
+        return full_logprobs(hidden, head_weight(model)).gather(1, input_ids[0, 1:, None]).squeeze(1).cpu()
     finally:
         model.train(was_training)
 
 
-class RemoteSampler:
+class RemoteSampler(Sampler):
     """One request per prompt (``n`` completions, its own seed); concurrency bounded by the client's
     AIMD window. A request that keeps failing stops the run: a step cannot train on missing rows'
     samples without changing what it trains on."""

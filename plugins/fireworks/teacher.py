@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distill import BuildContext, DistillError, ScoreFailure, ScoreRequest, TeacherScores
+from distill import BuildContext, DistillError, ScoreFailure, ScoreRequest, TeacherScorer, TeacherScores
 from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for, finite, indexed_choices
 
 __all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs", "scoring_request"]
@@ -110,7 +110,7 @@ def scoring_request(
     return "/v1/completions", body, parse
 
 
-class RemoteTeacher:
+class RemoteTeacher(TeacherScorer):
     """Scores over HTTP (vLLM: ``batch_size`` sequences per request); each request is retried on
     its own, concurrency is bounded by an AIMD window."""
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 import attrs
 import torch
-from distill import TokenBatch, finite, positive
+from distill import Objective, TokenBatch, finite, positive
 
 
 __all__ = ["SampledReverseKLOptions", "SampledReverseKL", "TopKForwardKLOptions", "TopKForwardKL"]
@@ -23,7 +23,7 @@ class SampledReverseKLOptions:
     baseline: Literal["sampling", "model"] = "sampling"
 
 
-class SampledReverseKL:
+class SampledReverseKL(Objective):
     """``L = −Σ_t exp(clamp(lp_t − sampling_lp_t, −cap, cap)) · A_t``, ``A_t = s·(teacher_lp_t − baseline_t)``.
 
     At the sampling weights the ratio is 1 and the gradient is the per-token REINFORCE estimate of
@@ -62,7 +62,7 @@ class TopKForwardKLOptions:
     top_k: int = attrs.field(default=8, validator=positive)
 
 
-class TopKForwardKL:
+class TopKForwardKL(Objective):
     """``L = −Σ_t Σ_j q_tj · log π(k_tj)``, ``q_t = softmax(teacher top-K logprobs)`` (renormalised)."""
 
     def __init__(self, options: TopKForwardKLOptions) -> None:

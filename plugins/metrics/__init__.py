@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from distill import BuildContext, MetricSinkSpec, hookimpl
+from distill import BuildContext, MetricSink, MetricSinkSpec, hookimpl
 
 __all__ = ["JsonlOptions", "JsonlSink"]
 
@@ -30,7 +30,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class JsonlSink:
+class JsonlSink(MetricSink):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from distill import (
+    Blender,
     BlenderSpec,
     BuildContext,
     DistillError,
@@ -48,7 +49,7 @@ def _validated_topk(teacher: WeightedScores, top_k: int, where: str) -> tuple[to
     return ids[:, :top_k], logprobs[:, :top_k]
 
 
-class ProbabilityUnion:
+class ProbabilityUnion(Blender):
     """Weighted probability union of renormalised top-K distributions, cut back to K."""
 
     @classmethod

@@ -100,10 +100,11 @@ def test_on_unknown_route_error_stops_the_run(tmp_path, tiny_models, second_teac
 
 
 def test_teachers_naming_the_same_model_share_one_instance(tmp_path, tiny_models, manager):
-    from distill.loop import _build
+    from distill.loop import Recipe
 
     path = _config(tmp_path, tiny_models, tiny_models["teacher"])  # both entries name one model
-    config = load_config(path, manager)
-    parts = _build(config, manager, tmp_path / "out", str(tiny_models["student"]))
-    assert parts.pool.teachers["add"] is parts.pool.teachers["subtractor"]
-    assert parts.pool.prompt_keys == {"add": "teacher_messages", "subtractor": "sub_view"}
+    recipe = Recipe(load_config(path, manager), manager)
+    recipe.setup()
+    assert recipe.pool.teachers["add"] is recipe.pool.teachers["subtractor"]
+    assert {name: ref.prompt_key for name, ref in recipe.pool.refs.items()} == {"add": "teacher_messages",
+                                                                               "subtractor": "sub_view"}

@@ -115,6 +115,32 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tiny_models, man
     assert problem.endswith("so both must use the same tokenizer @ teachers[0]")
 
 
+def test_validate_catches_a_misspelt_kernel_and_another_vocabulary_before_any_step(tmp_path, tiny_models):
+    other = build_tokenizer(tmp_path / "other_tok", alphabet=list("0123456789abc"))
+    build_model(tmp_path / "other_teacher", other, seed=3)
+    config = _write_config(tmp_path, tiny_models)
+
+    def validate(*overrides):
+        args = [a for o in overrides for a in ("--set", o)]
+        return subprocess.run([sys.executable, "-m", "distill.cli", "validate", str(config), *args],
+                              capture_output=True, text=True)
+
+    misspelt = validate("loss.kernel=chunkd")
+    assert misspelt.returncode == 2
+    assert misspelt.stderr == (
+        f"distill-run: 1 config error(s) in {config}:\n"
+        "  - No installed plugin provides loss kernel 'chunkd' for loss 'sampled_reverse_kl' on cpu/float32. "
+        'Use loss.kernel = "auto" or install the plugin that provides it. @ loss.kernel\n'
+    )
+    foreign = validate(f"teachers.0.model='{tmp_path / 'other_teacher'}'")
+    assert foreign.returncode == 2
+    (problem,) = foreign.stderr.splitlines()[1:]
+    assert problem.startswith(f"  - teacher '{tmp_path / 'other_teacher'}' does not share the student's vocabulary")
+    assert problem.endswith("@ teachers[0]")
+    assert validate().returncode == 0
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
 def _wait_for_steps(proc, metrics: Path, count: int, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -34,7 +34,7 @@ def _free_port():
 
 def _serve(model, *extra):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distill.plugins.fireworks.serve", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "distill.plugins.serve", "--model", str(model),
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

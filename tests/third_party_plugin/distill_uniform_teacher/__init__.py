@@ -11,7 +11,7 @@ import math
 import attrs
 import torch
 
-from distill import ScoreRequest, TeacherScores, TeacherSpec, hookimpl
+from distill import ScoreRequest, TeacherScorer, TeacherScores, TeacherSpec, hookimpl
 
 
 @attrs.frozen(kw_only=True)
@@ -19,7 +19,7 @@ class UniformOptions:
     vocab_size: int
 
 
-class UniformTeacher:
+class UniformTeacher(TeacherScorer):
     """Every token has probability 1/V; top-K are the K lowest ids."""
 
     def __init__(self, vocab_size: int) -> None:
@@ -36,9 +36,6 @@ class UniformTeacher:
                 topk_logprobs_C_K=torch.full((C, top_k), logprob) if top_k else None,
             ))
         return results
-
-    def vocabulary(self):
-        return None
 
 
 @hookimpl

@@ -1,26 +1,16 @@
-"""``distill-serve``: any registered teacher (or the student) as a service, in the Fireworks dialect.
+"""The ``distill-serve`` application: a teacher (or the student) answering the Fireworks dialect.
 
-    distill-serve --model PATH [--backend hf] [--host 127.0.0.1] [--port 8000]
-                  [--faults 429=0.05,500=0.05,reset=0.02,stall=0.01,truncate=0.02,corrupt=0.02]
-
-Serves ``POST /inference/v1/completions``: with ``echo`` it scores the token-id prompt (``logprobs``
-+ ``top_logprobs``, ``max_tokens: 1``), so a custom teacher can run on another machine and a run
-points a ``fireworks`` teacher at it; without it, it samples ``n`` completions with ``raw_output``
-ids and both ``logprob`` and ``sampling_logprob``, so it can serve the student to a ``fireworks``
-sampler, which syncs weights through ``POST /distill/v1/load_weights {"path": FOLDER}``. Also
-``GET /v1/models`` and ``GET /health``. ``--faults`` injects failures at the given rates (for
-testing clients); ``GET /faults`` reports what was injected.
+``POST /inference/v1/completions`` with ``echo`` scores the token-id prompt (``logprobs`` +
+``top_logprobs``, ``max_tokens: 1``); without it, it samples ``n`` completions with ``raw_output``
+ids and both ``logprob`` and ``sampling_logprob``. ``POST /distill/v1/load_weights {"path": FOLDER}``
+hot-loads new weights; ``GET /v1/models``, ``GET /health``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import json
-import random
-import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,40 +20,7 @@ import torch
 from distill import ScoreRequest
 from distill.plugins.hf.generation import generate, special_ids
 
-__all__ = ["FaultPlan", "build_app", "main"]
-
-FAULTS = ("429", "500", "reset", "stall", "truncate", "corrupt")
-
-
-class FaultPlan:
-    """Draws at most one fault per request at the configured rates; counts what it injected."""
-
-    def __init__(self, rates: dict[str, float], seed: int, stall_s: float) -> None:
-        unknown = set(rates) - set(FAULTS)
-        if unknown:
-            raise ValueError(f"unknown fault(s) {sorted(unknown)}; choose from {', '.join(FAULTS)}")
-        self.rates = rates
-        self.stall_s = stall_s
-        self.injected: Counter[str] = Counter()
-        self._rng = random.Random(seed)
-
-    @classmethod
-    def parse(cls, text: str, seed: int, stall_s: float) -> FaultPlan:
-        rates = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            name, _, rate = item.partition("=")
-            rates[name.strip()] = float(rate)
-        return cls(rates, seed, stall_s)
-
-    def draw(self) -> str | None:
-        roll, edge = self._rng.random(), 0.0
-        for name, rate in self.rates.items():
-            edge += rate
-            if roll < edge:
-                self.injected[name] += 1
-                return name
-        return None
-
+__all__ = ["build_app"]
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(int(token_id)) if tokenizer is not None else str(token_id)
@@ -147,7 +104,7 @@ def _load_weights(model: Any, folder: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan | None = None) -> Any:
+def build_app(teacher: Any, tokenizer: Any, model_name: str) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -187,23 +144,9 @@ def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan |
                 return error(400, "this backend scores only: it has no model to sample from")
             def work() -> Any:
                 return asyncio.to_thread(_sample_body, model, tokenizer, prompt, sampling, model_name)
-        fault = faults.draw() if faults else None
-        if fault == "429":
-            return Response(status_code=429, headers={"Retry-After": "0.05"})
-        if fault == "500":
-            return error(500, "injected server error")
-        if fault == "stall":
-            await asyncio.sleep(faults.stall_s)
         async with lock:
             result = await work()
-        if fault == "corrupt":
-            result["choices"][0]["logprobs"]["content"][-2 if body.get("echo") else -1]["logprob"] = None
-        payload = json.dumps(result).encode()
-        if fault == "truncate":
-            return Response(payload[: len(payload) // 2], media_type="application/json")
-        if fault == "reset":
-            return _Reset()
-        return Response(payload, media_type="application/json")
+        return Response(json.dumps(result), media_type="application/json")  # logprobs may be -inf
 
     async def load_weights(request: Request) -> Any:
         try:
@@ -225,55 +168,9 @@ def build_app(teacher: Any, tokenizer: Any, model_name: str, faults: FaultPlan |
     async def health(request: Request) -> Any:
         return JSONResponse({"status": "ok"})
 
-    async def injected(request: Request) -> Any:
-        return JSONResponse(dict(faults.injected) if faults else {})
-
     return Starlette(routes=[
         Route("/inference/v1/completions", completions, methods=["POST"]),
         Route("/distill/v1/load_weights", load_weights, methods=["POST"]),
         Route("/v1/models", models),
         Route("/health", health),
-        Route("/faults", injected),
     ])
-
-
-class _Reset:
-    """An ASGI response that starts and then drops the connection, as a crashed server does."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
-        await send({"type": "http.response.body", "body": b'{"choices": [', "more_body": True})
-        raise ConnectionResetError("injected connection reset")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill-serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="teacher model folder (or hub id)")
-    parser.add_argument("--backend", default="hf", help="registered teacher backend to serve (default: hf)")
-    parser.add_argument("--served-name", default=None, help="model name in responses (default: --model)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--faults", default="", help="fault rates, e.g. 429=0.05,500=0.05,reset=0.02")
-    parser.add_argument("--fault-seed", type=int, default=0)
-    parser.add_argument("--stall-s", type=float, default=30.0, help="how long an injected stall lasts")
-    args = parser.parse_args(argv)
-
-    import uvicorn
-
-    from distill.config import converter
-    from distill.manager import PluginManager
-    from distill.types import BuildContext
-
-    spec = PluginManager().get("teacher", args.backend)
-    options = converter.structure({"model": args.model}, spec.config_cls)
-    context = BuildContext(run_config=None, output_dir=Path("."), seed=0, device="cpu")
-    teacher = spec.factory(options, context)
-    faults = FaultPlan.parse(args.faults, args.fault_seed, args.stall_s) if args.faults else None
-    app = build_app(teacher, getattr(teacher, "tokenizer", None), args.served_name or args.model, faults)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
