@@ -36,7 +36,9 @@ class TokenBatch:
 
     ``positions_B_C`` index into the L input positions (``P-1+j``), ``mask_B_C`` marks real
     completion tokens. The ``*_N`` properties flatten the masked tokens in row-major order, the
-    order in which the trainer gathers hidden states.
+    order in which the trainer gathers hidden states. For full-vocabulary losses,
+    ``teacher_hidden_B_C_G`` holds the teachers' hidden states and
+    ``teacher_heads[teacher_head_B[b]]`` the head that scored row ``b`` (routed teachers differ).
     """
 
     input_ids_B_L: torch.Tensor
@@ -49,6 +51,9 @@ class TokenBatch:
     teacher_logprobs_B_C: torch.Tensor | None = None
     teacher_topk_ids_B_C_K: torch.Tensor | None = None
     teacher_topk_logprobs_B_C_K: torch.Tensor | None = None
+    teacher_hidden_B_C_G: torch.Tensor | None = None
+    teacher_head_B: torch.Tensor | None = None
+    teacher_heads: tuple[torch.Tensor, ...] = ()
 
     @property
     def num_sequences(self) -> int:
@@ -87,6 +92,15 @@ class TokenBatch:
     def teacher_topk_logprobs_N_K(self) -> torch.Tensor:
         return self._flat(self.teacher_topk_logprobs_B_C_K)
 
+    @property
+    def teacher_hidden_N_G(self) -> torch.Tensor:
+        return self._flat(self.teacher_hidden_B_C_G)
+
+    @property
+    def teacher_head_N(self) -> torch.Tensor:
+        """Per token, the index in ``teacher_heads`` of the head that scores it."""
+        return self._flat(self.teacher_head_B[:, None].expand_as(self.mask_B_C))
+
     def select(self, start: int, stop: int) -> TokenBatch:
         """Sequences ``start:stop``, inputs trimmed to their longest sequence."""
         mask = self.attention_mask_B_L[start:stop]
@@ -107,6 +121,9 @@ class TokenBatch:
             teacher_logprobs_B_C=cut(self.teacher_logprobs_B_C, width),
             teacher_topk_ids_B_C_K=cut(self.teacher_topk_ids_B_C_K, width),
             teacher_topk_logprobs_B_C_K=cut(self.teacher_topk_logprobs_B_C_K, width),
+            teacher_hidden_B_C_G=cut(self.teacher_hidden_B_C_G, width),
+            teacher_head_B=None if self.teacher_head_B is None else self.teacher_head_B[start:stop],
+            teacher_heads=self.teacher_heads,
         )
 
 
@@ -145,6 +162,10 @@ def build_token_batch(
     teacher = torch.zeros((B, C))
     topk_ids = torch.zeros((B, C, K), dtype=torch.long) if has_topk else None
     topk_lps = torch.zeros((B, C, K)) if has_topk else None
+    first_hidden = scores[0].hidden_C_G
+    hidden = None if first_hidden is None else first_hidden.new_zeros((B, C, first_hidden.shape[1]))
+    heads: dict[int, torch.Tensor] = {}  # the teachers' heads by identity, in first-seen order
+    head_of = torch.zeros(B, dtype=torch.long)
     for b, (rollout, score) in enumerate(zip(rollouts, scores, strict=True)):
         prompt = torch.tensor(rollout.prompt_ids, dtype=torch.long)
         c = rollout.completion_ids_C.shape[0]
@@ -163,6 +184,12 @@ def build_token_batch(
                 raise AlignmentError(f"teachers returned different top-K widths (rollout {b})")
             topk_ids[b, :c] = score.topk_ids_C_K
             topk_lps[b, :c] = score.topk_logprobs_C_K
+        if hidden is not None:
+            if score.hidden_C_G is None or score.head_V_G is None:
+                raise AlignmentError(f"a teacher returned no hidden states (rollout {b}, dataset line {rollout.row.index})")
+            hidden[b, :c] = score.hidden_C_G
+            heads.setdefault(id(score.head_V_G), score.head_V_G)
+            head_of[b] = list(heads).index(id(score.head_V_G))
     return TokenBatch(
         input_ids_B_L=input_ids,
         attention_mask_B_L=attention,
@@ -174,4 +201,7 @@ def build_token_batch(
         teacher_logprobs_B_C=teacher,
         teacher_topk_ids_B_C_K=topk_ids,
         teacher_topk_logprobs_B_C_K=topk_lps,
+        teacher_hidden_B_C_G=hidden,
+        teacher_head_B=head_of if hidden is not None else None,
+        teacher_heads=tuple(heads.values()),
     )

@@ -140,6 +140,7 @@ class TrainConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = _field(1.0, finite, non_negative)  # 0 turns clipping off
     threads: int | None = _field(None, positive)
+    max_staleness: Literal[0, 1] = 0  # 1: sample and score step k+1 while step k trains
 
 
 @attrs.frozen(kw_only=True)
@@ -389,6 +390,7 @@ def parse_config(
             problems.extend(found)
         context = config_context(config, manager)
     problems.extend(_check_teacher_names(context))
+    problems.extend(_check_teacher_signals(context, manager))
     problems.extend(_check_multi_teacher(config, manager))
     problems.extend(_check_loss_kernel(config, manager))
     if problems:
@@ -483,6 +485,28 @@ def _check_teacher_names(context: BuildContext) -> list[str]:
                 f"them a distinct `name` @ {teacher.path}"
             )
         seen.setdefault(teacher.name, teacher.path)
+    return problems
+
+
+_SIGNALS = {"logprobs": "per-token logprobs", "topk": "top-K candidates",
+            "hidden": "hidden states and output head (its whole distribution)"}
+
+
+def _check_teacher_signals(context: BuildContext, manager: PluginManager) -> list[str]:
+    """Every teacher must produce the signal the loss trains on (a remote one has no hidden states)."""
+    problems = []
+    for teacher in context.teachers:
+        try:
+            spec = manager.get("teacher", teacher.backend)
+        except UnknownComponentError:
+            continue  # reported with its path already
+        if context.teacher_signal not in spec.signals:
+            problems.append(
+                f"loss '{context.run_config.loss.name}' needs the teacher's {_SIGNALS[context.teacher_signal]}, "
+                f"which teacher backend '{spec.name}' does not provide (it gives "
+                f"{', '.join(_SIGNALS[s] for s in sorted(spec.signals))}); use a local teacher (backend 'hf') or "
+                f"a loss such as sampled_reverse_kl or topk_forward_kl @ {teacher.path}.backend"
+            )
     return problems
 
 

@@ -60,16 +60,16 @@ def distill_samplers() -> list[SamplerSpec]:
 def distill_teachers() -> list[TeacherSpec]:
     """Register teacher scorers, selected per ``[[teachers]]`` entry by ``backend = NAME``.
 
-    A teacher's factory returns a :class:`distill.protocols.TeacherScorer`. Set
-    ``TeacherSpec.max_top_k`` when the backend caps top-K, so a larger ``loss.top_k`` fails at
-    config time.
+    A teacher's factory returns a :class:`distill.protocols.TeacherScorer`. A backend that caps
+    top-K gives its spec a ``check`` reading ``context.top_k``, so a larger ``loss.top_k`` fails at
+    config time; ``model_of`` and ``tokenizer_of`` name its model and where its tokenizer lives.
 
     Example::
 
         @hookimpl
         def distill_teachers():
             return [TeacherSpec(name="my_teacher", summary="...", config_cls=MyOptions,
-                                factory=MyTeacher.build, max_top_k=20)]
+                                factory=MyTeacher.build, model_of=lambda options: options.model)]
     """
 
 

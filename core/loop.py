@@ -35,7 +35,7 @@ from distill.manager import PluginManager
 from distill.preflight import load_student_tokenizer, vocabulary_problems
 from distill.protocols import Checkpoint, CheckpointBackend, MetricSink, Sampler
 from distill.report import Progress, summary
-from distill.scoring import TeacherPool
+from distill.scoring import TeacherBook, TeacherPool
 from distill.trainer import Trainer
 from distill.types import BuildContext, PromptRow, Rollout, RunInfo, TeacherScores
 
@@ -110,6 +110,32 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+@attrs.frozen(eq=False)
+class _Scored:
+    """One step's rollouts as sampled, the ones teachers scored with their targets, and what
+    scoring counted (added to the run's totals when the step trains, not when it is prefetched)."""
+
+    rollouts: list[Rollout]
+    kept: list[Rollout]
+    scores: list[TeacherScores]
+    books: dict[str, TeacherBook]
+    skipped: Counter[str]
+
+
+def _rollouts_state(rollouts: Sequence[Rollout]) -> list[dict[str, Any]]:
+    """Rollouts as JSON: the row's line number, ids, both logprobs (float32 survives the round trip)."""
+    return [{"line": r.row.index, "ids": r.completion_ids_C.tolist(), "sampling": r.sampling_logprobs_C.tolist(),
+             "model": r.model_logprobs_C.tolist(), "finished": r.finished} for r in rollouts]
+
+
+def _rollouts_from_state(state: Sequence[dict[str, Any]], rows: Sequence[PromptRow]) -> list[Rollout]:
+    by_line = {row.index: row for row in rows}
+    return [Rollout(row=by_line[r["line"]], completion_ids_C=torch.tensor(r["ids"], dtype=torch.long),
+                    sampling_logprobs_C=torch.tensor(r["sampling"], dtype=torch.float32),
+                    model_logprobs_C=torch.tensor(r["model"], dtype=torch.float32), finished=r["finished"])
+            for r in state]
+
+
 def _rollout_metrics(rollouts: Sequence[Rollout], scores: Sequence[TeacherScores]) -> dict[str, float]:
     student = torch.cat([r.model_logprobs_C for r in rollouts])
     teacher = torch.cat([s.logprobs_C for s in scores])
@@ -153,6 +179,9 @@ class Recipe:
         self.eval_data: Dataset | None = None
         self.eval_rows: tuple[PromptRow, ...] = ()
         self.cursor: DataCursor | None = None
+        # max_staleness = 1: the next step's rollouts, sampled and scored while this step trained
+        # (or, right after a resume, as the checkpoint saved them, still to be scored)
+        self.prefetched: _Scored | list[Rollout] | None = None
 
     def _build(self, kind: str, name: str, options: Any, path: str) -> Any:
         return self.manager.build(kind, name, options, attrs.evolve(self.context, path=path))
@@ -200,6 +229,7 @@ class Recipe:
             router=self._build("router", config.router.name, config.router.options, "router"),
             blender=self._build("blender", config.blender.name, config.blender.options, "blender"),
             top_k=self.context.top_k,
+            hidden=self.context.teacher_signal == "hidden",
         )
         self.sinks = [self._build("metric_sink", name, config.metrics.options[name], f"metrics.{name}")
                       for name in config.metrics.sinks]
@@ -230,8 +260,9 @@ class Recipe:
     def setup(self) -> None:
         """Build every component once, load the data, and resume from the latest checkpoint."""
         config = self.config
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+        threads = config.train.threads or torch.get_num_threads()
+        # Pipelined, sampling and training run at once in two threads: each gets half the budget.
+        torch.set_num_threads(max(1, threads // 2) if config.train.max_staleness else threads)
         torch.manual_seed(config.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self._build("checkpoint_backend", config.checkpoint.backend,
@@ -250,9 +281,11 @@ class Recipe:
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's resumable state; each stateful component contributes its own."""
+        prefetched = self.prefetched.rollouts if isinstance(self.prefetched, _Scored) else self.prefetched
         return {"step": self.step, "tokens": self.tokens, "eval": self.evaluation, "wall_time_s": self.wall_time(),
                 "cursor": self.cursor.state_dict(), "skipped": dict(self.skipped),
-                "times": self.clock.state_dict(), "teachers": self.pool.state_dict()}
+                "times": self.clock.state_dict(), "teachers": self.pool.state_dict(),
+                "prefetched": None if prefetched is None else _rollouts_state(prefetched)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.evaluation = state["step"], state["tokens"], state["eval"]
@@ -261,6 +294,8 @@ class Recipe:
         self.skipped = Counter(state["skipped"])
         self.clock.load_state_dict(state["times"])
         self.pool.load_state_dict(state.get("teachers", {}))
+        if state.get("prefetched") is not None:  # sampled by the weights before, so kept, not redrawn
+            self.prefetched = _rollouts_from_state(state["prefetched"], self.train_data.rows)
 
     # -- the recipe -----------------------------------------------------------------------------
 
@@ -270,7 +305,7 @@ class Recipe:
         return value if isinstance(value, str) else None
 
     async def _score_for_eval(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
-        kept, targets, _ = await self.pool.score(rollouts, record=False)
+        kept, targets, _ = await self.pool.score(rollouts, hidden=False)
         return kept, targets
 
     async def evaluate(self, step: int) -> dict[str, Any]:
@@ -293,36 +328,67 @@ class Recipe:
         self.evaluation["teacher_accuracy_by_teacher"] = by_teacher
         self.evaluation["before"] = await self.evaluate(0)
 
-    async def train_step(self, step: int) -> dict[str, Any] | None:
-        """Sample, score, train on one step's rows; None when no row could be scored."""
-        config, clock = self.config, self.clock
+    async def _score(self, rollouts: list[Rollout]) -> _Scored:
+        skipped: Counter[str] = Counter()
+        with self.clock.phase("teacher_scoring"):
+            kept, scores, books = await self.pool.score(rollouts, skipped)
+        return _Scored(rollouts, kept, scores, books, skipped)
+
+    async def _sample_and_score(self, step: int) -> _Scored:
+        """Step ``step``'s rows, sampled with the sampler's current weights, then scored."""
+        config = self.config
         rows = [self.train_data.rows[i] for i in self.cursor.take(config.train.prompt_groups_per_step)]
         params = config.sampling.params(n=config.train.completions_per_prompt)
-        with clock.phase("sampling"):
+        with self.clock.phase("sampling"):
             rollouts = await self.sampler.sample(rows, params, seed=derive_seed(config.seed, step))
-        with clock.phase("teacher_scoring"):
-            rollouts, scores, books = await self.pool.score(rollouts, self.skipped)
-        if not rollouts:
+        return await self._score(rollouts)
+
+    def _train(self, batch: Any) -> dict[str, float]:
+        with self.clock.phase("training"):
+            return self.trainer.train_step(batch)
+
+    async def train_step(self, step: int) -> dict[str, Any] | None:
+        """Sample, score, train on one step's rows; None when no row could be scored.
+
+        With ``max_staleness = 1`` the step trains on rollouts prefetched during the step before
+        (sampled one update earlier: the importance ratio corrects for it) and, while it trains in
+        a worker thread, samples and scores the next step's. At 0 every phase runs in turn.
+        """
+        config, clock = self.config, self.clock
+        started = time.perf_counter()
+        if self.prefetched is None:
+            scored = await self._sample_and_score(step)
+        elif isinstance(self.prefetched, _Scored):
+            scored = self.prefetched
+        else:  # rollouts a checkpoint kept
+            scored = await self._score(self.prefetched)
+        self.prefetched = None
+        self.skipped.update(scored.skipped)
+        self.pool.record(scored.books)
+        if not scored.kept:
             log.warning("no row of this step could be scored", step=step, skipped=dict(self.skipped))
             return None
-        batch = build_token_batch(rollouts, scores, pad_id=self.tokenizer.pad_token_id or 0)
-        with clock.phase("training"):
-            train_metrics = self.trainer.train_step(batch)
+        batch = build_token_batch(scored.kept, scored.scores, pad_id=self.tokenizer.pad_token_id or 0)
+        if config.train.max_staleness and step < config.train.steps:
+            train_metrics, self.prefetched = await asyncio.gather(
+                asyncio.to_thread(self._train, batch), self._sample_and_score(step + 1)
+            )
+        else:
+            train_metrics = self._train(batch)
         with clock.phase("weight_sync"):
             await self.sampler.sync_weights(step)
         self.tokens += batch.num_tokens
-        busy = sum(clock.last[p] for p in ("sampling", "teacher_scoring", "training"))
+        elapsed = time.perf_counter() - started
         return {
             **train_metrics,
-            **_rollout_metrics(rollouts, scores),
+            **_rollout_metrics(scored.kept, scored.scores),
             "route_skips_total": sum(self.skipped.values()),
-            **{f"teacher/{name}/{key}": value for name, book in books.items()
+            **{f"teacher/{name}/{key}": value for name, book in scored.books.items()
                for key, value in book.as_dict().items()},
-            "time_sampling_s": clock.last["sampling"],
-            "time_teacher_scoring_s": clock.last["teacher_scoring"],
-            "time_training_s": clock.last["training"],
-            "time_weight_sync_s": clock.last["weight_sync"],
-            "tokens_per_s": batch.num_tokens / busy if busy else 0.0,
+            **{f"time_{phase}_s": clock.last.get(phase, 0.0)  # pipelined: the overlapped prefetch's
+               for phase in ("sampling", "teacher_scoring", "training", "weight_sync")},
+            "time_step_s": elapsed,
+            "tokens_per_s": batch.num_tokens / elapsed,
         }
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:

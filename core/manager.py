@@ -54,7 +54,7 @@ class _Provided:
 def _renamed(name: str) -> str:
     if name in RENAMED_PLUGINS:
         warnings.warn(f"plugin '{name}' is now called '{RENAMED_PLUGINS[name]}'; disable it by its new name",
-                      DeprecationWarning, stacklevel=3)
+                      FutureWarning, stacklevel=3)
     return RENAMED_PLUGINS.get(name, name)
 
 

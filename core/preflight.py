@@ -15,11 +15,25 @@ from distill.manager import PluginManager
 __all__ = ["load_student_tokenizer", "vocabulary_problems", "preflight"]
 
 
-def load_student_tokenizer(config: RunConfig) -> Any:
+def _load_tokenizer(source: str, path: str) -> tuple[Any, list[str]]:
+    """The tokenizer at ``source``, or a problem saying why it cannot be loaded (at ``path``)."""
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(source), []
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, [f"cannot load a tokenizer from {source!r} ({reason}) @ {path}"]
+
+
+def load_student_tokenizer(config: RunConfig) -> Any:
+    """The student's tokenizer (``student.tokenizer``, else its model's), or a config error."""
     student = config.student
-    return AutoTokenizer.from_pretrained(resolve_path(student.tokenizer or student.model, config))
+    path = "student.tokenizer" if student.tokenizer else "student.model"
+    tokenizer, problems = _load_tokenizer(resolve_path(student.tokenizer or student.model, config), path)
+    if problems:
+        raise ConfigError(problems, config.source)
+    return tokenizer
 
 
 def _differences(ours: dict[str, int], theirs: dict[str, int]) -> list[tuple[str, int]]:
@@ -29,8 +43,6 @@ def _differences(ours: dict[str, int], theirs: dict[str, int]) -> list[tuple[str
 def vocabulary_problems(config: RunConfig, manager: PluginManager, student_tokenizer: Any) -> list[str]:
     """A problem per teacher whose tokenizer (its ``tokenizer`` key, else where its backend says it
     lives) differs from the student's; a teacher with neither is not checked."""
-    from transformers import AutoTokenizer
-
     ours = student_tokenizer.get_vocab()
     context = config_context(config, manager)
     problems = []
@@ -44,7 +56,11 @@ def vocabulary_problems(config: RunConfig, manager: PluginManager, student_token
                 continue
         if source is None:
             continue
-        theirs = AutoTokenizer.from_pretrained(source).get_vocab()
+        tokenizer, unloadable = _load_tokenizer(source, path)
+        problems += unloadable
+        if tokenizer is None:
+            continue
+        theirs = tokenizer.get_vocab()
         if theirs != ours:
             problems.append(
                 f"teacher '{ref.name}' does not share the student's vocabulary ({len(theirs)} vs {len(ours)} "

@@ -97,6 +97,8 @@ class TeacherScorer(Component, Protocol):
     ) -> list[TeacherScores | ScoreFailure]:
         """Per completion token: the teacher's logprob, and its top-``top_k`` when ``top_k`` > 0.
 
+        A teacher whose spec declares the ``hidden`` signal is also called with ``hidden=True`` for
+        full-vocabulary losses: it then fills ``hidden_C_G`` and ``head_V_G`` too.
         A request that failed for good gets a :class:`ScoreFailure`: its rollout is dropped and
         counted. Raise to stop the run (a teacher that stays down).
         """
@@ -135,29 +137,54 @@ class Blender(Protocol):
 
 @runtime_checkable
 class Objective(Protocol):
-    """A loss on per-token student logprobs at chosen token ids.
+    """A loss on the student's final hidden states ``hidden_N_H`` and head ``weight_V_H``.
 
-    The trainer computes ``logprobs_N_K = log pi(target_ids_N_K)`` with a loss kernel (so fused
-    kernels never build [N, V] logits), then calls the objective. It returns the *sum* over tokens;
-    the trainer normalises over the whole step.
+    It returns the loss *summed* over tokens and per-token-summed metrics; the trainer normalises
+    over the whole step. The default :meth:`loss` asks the kernel for the student's logprobs at
+    :meth:`target_ids` (so fused kernels never build [N, V] logits) and hands them to
+    :meth:`__call__`: an objective on a few ids per token implements those two. A full-vocabulary
+    objective overrides :meth:`loss` and uses ``kernel.divergence``.
     """
+
+    def loss(
+        self, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, kernel: LossKernel, tokens: TokenBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss, per-token-summed metric tensors to be averaged by the trainer)."""
+        ids_N_K = self.target_ids(tokens).to(hidden_N_H.device)
+        return self(kernel(hidden_N_H, weight_V_H, ids_N_K), tokens)
 
     def target_ids(self, tokens: TokenBatch) -> torch.Tensor:
         """[N, K] vocabulary ids whose student logprobs the loss needs."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither loss nor target_ids")
 
     def __call__(
         self, logprobs_N_K: torch.Tensor, tokens: TokenBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(summed loss, per-token-summed metric tensors to be averaged by the trainer)."""
+        """(summed loss, metrics) from the student's logprobs at :meth:`target_ids`."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither loss nor __call__")
 
 
 class LossKernel(Protocol):
-    """``logprobs_N_K = log_softmax(hidden_N_H @ weight_V_H.T)[n, ids_N_K[n, k]]``, differentiable."""
+    """``logprobs_N_K = log_softmax(hidden_N_H @ weight_V_H.T)[n, ids_N_K[n, k]]``, differentiable;
+    ``divergence`` gives the per-token full-vocabulary divergence from a teacher (TRL's generalised
+    JSD: ``beta = 0`` forward KL, ``beta = 1`` reverse KL, temperature on both), gradients to the
+    student only."""
 
     name: str
 
     def __call__(
         self, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, ids_N_K: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def divergence(
+        self,
+        hidden_N_H: torch.Tensor,
+        weight_V_H: torch.Tensor,
+        teacher_hidden_N_G: torch.Tensor,
+        teacher_weight_V_G: torch.Tensor,
+        *,
+        beta: float,
+        temperature: float,
     ) -> torch.Tensor: ...
 
 

@@ -63,6 +63,7 @@ class TeacherPool:
     router: Router
     blender: Blender | None
     top_k: int
+    hidden: bool = False  # full-vocabulary losses: teachers return hidden states and their head
     totals: dict[str, TeacherBook] = attrs.field(factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class TeacherPool:
         self.totals = {name: TeacherBook(**book) for name, book in state.items()}
 
     async def _score_one_teacher(
-        self, name: str, rollouts: Sequence[Rollout], indices: list[int], book: TeacherBook
+        self, name: str, rollouts: Sequence[Rollout], indices: list[int], book: TeacherBook, hidden: bool
     ) -> list[TeacherScores | ScoreFailure]:
         requests = [
             ScoreRequest(
@@ -84,7 +85,8 @@ class TeacherPool:
         book.in_flight += len(requests)
         book.peak_in_flight = max(book.peak_in_flight, book.in_flight)
         try:
-            results = await self.teachers[name].score(requests, top_k=self.top_k)
+            signal = {"hidden": True} if hidden else {}  # asked only of teachers that declare it
+            results = await self.teachers[name].score(requests, top_k=self.top_k, **signal)
         finally:
             book.in_flight -= len(requests)
         if len(results) != len(requests):
@@ -103,14 +105,20 @@ class TeacherPool:
         book.tokens += sum(rollouts[i].completion_ids_C.shape[0] for i in scored)
         return results
 
+    def record(self, books: Mapping[str, TeacherBook]) -> None:
+        """Add one call's books to the run totals."""
+        for name, book in books.items():
+            self.totals.setdefault(name, TeacherBook()).add(book)
+
     async def score(
-        self, rollouts: Sequence[Rollout], skipped: Counter[str] | None = None, *, record: bool = True
+        self, rollouts: Sequence[Rollout], skipped: Counter[str] | None = None, *, hidden: bool | None = None
     ) -> tuple[list[Rollout], list[TeacherScores], dict[str, TeacherBook]]:
-        """Route and score ``rollouts``; return the scored ones, their targets and this call's books.
+        """Route and score ``rollouts``; return the scored ones, their targets and this call's books
+        (:meth:`record` adds them to the run's totals).
 
         A row the router skips is counted once in ``skipped`` (by reason) and dropped; a completion
-        a teacher failed to score is dropped and counted as ``teacher_failed:<reason>``.
-        ``record`` adds the books to the run totals (evaluation does not).
+        a teacher failed to score is dropped and counted as ``teacher_failed:<reason>``. ``hidden``
+        (default: whether the loss needs them) asks teachers for hidden states; evaluation does not.
         """
         skipped = Counter() if skipped is None else skipped
         routed: dict[int, tuple[str, ...]] = {}
@@ -129,7 +137,8 @@ class TeacherPool:
 
         books = {name: TeacherBook() for name in by_teacher}
         results = await asyncio.gather(
-            *(self._score_one_teacher(name, rollouts, idx, books[name]) for name, idx in by_teacher.items())
+            *(self._score_one_teacher(name, rollouts, idx, books[name], self.hidden if hidden is None else hidden)
+              for name, idx in by_teacher.items())
         )
         per_rollout: dict[int, dict[str, TeacherScores]] = {i: {} for i in routed}
         failed: dict[int, str] = {}
@@ -155,7 +164,4 @@ class TeacherPool:
                 )
             kept.append(rollouts[i])
             targets.append(target)
-        if record:
-            for name, book in books.items():
-                self.totals.setdefault(name, TeacherBook()).add(book)
         return kept, targets, books

@@ -20,7 +20,7 @@ import torch
 
 from distill.types import PromptRow, Rollout, SamplingParams, ScoreFailure, ScoreRequest, TeacherScores
 
-__all__ = ["check_sampler", "check_teacher", "default_requests", "default_rows"]
+__all__ = ["check_sampler", "check_teacher", "check_same_scores", "default_requests", "default_rows"]
 
 
 def default_requests() -> list[ScoreRequest]:
@@ -90,6 +90,24 @@ async def check_teacher(teacher: Any, *, top_k: int = 0, requests: Sequence[Scor
             first.logprobs_C, second.logprobs_C, atol=1e-5, rtol=0
         ):
             _fail("scoring the same request twice must give the same logprobs (the teacher is frozen)", f"request {i}")
+
+
+async def check_same_scores(
+    teacher: Any, reference: Any, *, top_k: int = 0, requests: Sequence[ScoreRequest] | None = None,
+    atol: float = 1e-4,
+) -> None:
+    """``teacher`` scores like ``reference`` (e.g. a remote server against the same model run
+    locally): the same logprobs within ``atol``, the same top-K ids in the same order."""
+    requests = list(requests or default_requests())
+    expected = await reference.score(requests, top_k=top_k)
+    got = await teacher.score(requests, top_k=top_k)
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if not torch.allclose(have.logprobs_C, want.logprobs_C, atol=atol, rtol=0):
+            _fail(f"logprobs differ from the reference's by more than {atol}", f"request {i}")
+        if top_k and have.topk_ids_C_K.tolist() != want.topk_ids_C_K.tolist():
+            _fail("top-K ids differ from the reference's", f"request {i}")
+        if top_k and not torch.allclose(have.topk_logprobs_C_K, want.topk_logprobs_C_K, atol=atol, rtol=0):
+            _fail(f"top-K logprobs differ from the reference's by more than {atol}", f"request {i}")
 
 
 async def check_sampler(

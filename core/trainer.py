@@ -74,9 +74,7 @@ class Trainer:
                 micro.positions_B_C.to(device),
                 micro.mask_B_C.to(device),
             )
-            target_ids_N_K = self.objective.target_ids(micro).to(device)
-            logprobs_N_K = self.kernel(hidden_N_H, weight_V_H, target_ids_N_K)
-            loss_sum, metric_sums = self.objective(logprobs_N_K, _on(micro, device))
+            loss_sum, metric_sums = self.objective.loss(hidden_N_H, weight_V_H, self.kernel, _on(micro, device))
             (loss_sum / divisor).backward()
             sums["loss"] += float(loss_sum.detach())
             for name, value in metric_sums.items():
@@ -113,6 +111,6 @@ def _on(batch: TokenBatch, device: torch.device) -> TokenBatch:
         **{
             f.name: getattr(batch, f.name).to(device)
             for f in attrs.fields(TokenBatch)
-            if getattr(batch, f.name) is not None
+            if isinstance(getattr(batch, f.name), torch.Tensor)
         },
     )

@@ -242,11 +242,15 @@ class ScoreRequest:
 
 @attrs.frozen(kw_only=True, eq=False)
 class TeacherScores:
-    """A teacher's view of one completion: logprob of each sampled token, optionally its top-K."""
+    """A teacher's view of one completion: logprob of each sampled token, optionally its top-K, and
+    for full-vocabulary losses its final hidden states at the completion positions with its output
+    head (``hidden_C_G``, ``head_V_G``: the [V, G] weight itself, shared, never copied)."""
 
     logprobs_C: torch.Tensor
     topk_ids_C_K: torch.Tensor | None = None
     topk_logprobs_C_K: torch.Tensor | None = None
+    hidden_C_G: torch.Tensor | None = None
+    head_V_G: torch.Tensor | None = None
 
 
 @attrs.frozen

@@ -78,7 +78,7 @@ def _with_dialect(options: Options, backend: str, path: str) -> tuple[Options, l
         return attrs.evolve(options, dialect=backend), []
     if backend == "fireworks":  # the old spelling of backend "vllm"
         warnings.warn(f"{path}: backend = \"fireworks\" with dialect = \"vllm\" is deprecated; write "
-                      f"backend = \"vllm\"", DeprecationWarning, stacklevel=2)
+                      f"backend = \"vllm\"", FutureWarning, stacklevel=2)
         return options, []
     return options, [f"backend 'vllm' speaks the vllm dialect, got dialect = {options.dialect!r}; use "
                      f"backend = \"fireworks\" for a Fireworks server @ {path}.dialect"]

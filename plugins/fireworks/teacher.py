@@ -8,7 +8,7 @@ retried; one that keeps failing drops its rollout with a counted reason, never m
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -129,9 +129,6 @@ class RemoteTeacher(TeacherScorer):
     def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
         return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect or "fireworks",
                    max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size)
-
-    def vocabulary(self) -> Mapping[str, int] | None:
-        return None  # declare `tokenizer` on the [[teachers]] entry to have it checked
 
     async def aclose(self) -> None:
         await self.client.aclose()

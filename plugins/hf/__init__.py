@@ -65,10 +65,11 @@ def distill_teachers() -> list[TeacherSpec]:
     return [
         TeacherSpec(
             name="hf",
-            summary="A local transformers model: per-token logprobs and top-K up to the vocabulary.",
+            summary="A local transformers model: logprobs, top-K up to the vocabulary, or its hidden states.",
             config_cls=HFTeacherOptions,
             factory=_build_teacher,
             model_of=lambda options: options.model,
             tokenizer_of=_tokenizer_of,
+            signals=frozenset({"logprobs", "topk", "hidden"}),
         )
     ]

@@ -22,9 +22,7 @@ from distill import (
 )
 from distill.plugins.hf.generation import greedy_complete, special_ids
 
-__all__ = ["HFTeacher", "LOGITS_BUDGET"]
-
-LOGITS_BUDGET = 1 << 25  # fp32 logits scored at once (128 MiB): a batch of a big-vocabulary teacher
+__all__ = ["HFTeacher"]
 
 
 class HFTeacher(TeacherScorer):
@@ -48,48 +46,41 @@ class HFTeacher(TeacherScorer):
         return cls(model, tokenizer, options.batch_size)
 
     @torch.inference_mode()
-    def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores]:
-        """One forward for the batch, then the completion positions of every request gathered into
-        [N, H] and scored in row chunks of at most ``LOGITS_BUDGET`` logits."""
+    def _score_batch(self, requests: Sequence[ScoreRequest], top_k: int, hidden: bool) -> list[TeacherScores]:
+        """One forward for the batch; then each request's completion positions are scored alone
+        (the logits of one request are [C, V], and a matmul's rounding depends on its row count, so
+        a request scores the same whatever it is batched with). With ``hidden`` each result also
+        carries its [C, H] hidden states and the head itself (full-vocabulary losses)."""
         sequences = [list(r.prompt_ids) + list(r.completion_ids) for r in requests]
         L = max(len(s) for s in sequences) - 1
         input_ids = torch.zeros((len(requests), L), dtype=torch.long)
         attention = torch.zeros((len(requests), L), dtype=torch.long)
-        rows, columns = [], []
-        for b, (request, seq) in enumerate(zip(requests, sequences, strict=True)):
+        for b, seq in enumerate(sequences):
             input_ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
             attention[b, : len(seq) - 1] = 1
-            span = completion_positions(len(request.prompt_ids), len(request.completion_ids))
-            rows += [b] * (span.stop - span.start)
-            columns += range(span.start, span.stop)
         device = self.model.device
         hidden_B_L_H = final_hidden_states(self.model, input_ids.to(device), attention.to(device))
-        hidden_N_H = hidden_B_L_H[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
-        targets_N = torch.tensor([t for r in requests for t in r.completion_ids], device=device)
         weight_V_H = head_weight(self.model)
-        chunk = max(1, LOGITS_BUDGET // weight_V_H.shape[0])
-        picked, top_ids, top_logprobs = [], [], []
-        for start in range(0, hidden_N_H.shape[0], chunk):
-            logprobs_C_V = full_logprobs(hidden_N_H[start : start + chunk], weight_V_H)
-            picked.append(logprobs_C_V.gather(1, targets_N[start : start + chunk, None])[:, 0])
+        results = []
+        for b, request in enumerate(requests):
+            hidden_C_H = hidden_B_L_H[b, completion_positions(len(request.prompt_ids), len(request.completion_ids))]
+            logprobs_C_V = full_logprobs(hidden_C_H, weight_V_H)
+            targets_C = torch.tensor(request.completion_ids, device=device)
+            fields = {"logprobs_C": logprobs_C_V.gather(1, targets_C[:, None])[:, 0].cpu()}
             if top_k:
                 top = torch.topk(logprobs_C_V, min(top_k, logprobs_C_V.shape[-1]), dim=-1)
-                top_ids.append(top.indices)
-                top_logprobs.append(top.values)
-        lengths = [len(r.completion_ids) for r in requests]
-        logprobs = torch.cat(picked).cpu().split(lengths)
-        if not top_k:
-            return [TeacherScores(logprobs_C=lp) for lp in logprobs]
-        ids, values = torch.cat(top_ids).cpu().split(lengths), torch.cat(top_logprobs).cpu().split(lengths)
-        return [TeacherScores(logprobs_C=lp, topk_ids_C_K=i, topk_logprobs_C_K=v)
-                for lp, i, v in zip(logprobs, ids, values, strict=True)]
+                fields.update(topk_ids_C_K=top.indices.cpu(), topk_logprobs_C_K=top.values.cpu())
+            if hidden:
+                fields.update(hidden_C_G=hidden_C_H, head_V_G=weight_V_H)
+            results.append(TeacherScores(**fields))
+        return results
 
-    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int) -> list[TeacherScores]:
+    async def score(self, requests: Sequence[ScoreRequest], *, top_k: int, hidden: bool = False) -> list[TeacherScores]:
         """Scores in a worker thread (torch releases the GIL), so teachers score concurrently."""
         results: list[TeacherScores] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
-            results.extend(await asyncio.to_thread(self._score_batch, chunk, top_k))
+            results.extend(await asyncio.to_thread(self._score_batch, chunk, top_k, hidden))
         return results
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:

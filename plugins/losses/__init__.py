@@ -1,14 +1,19 @@
-"""Built-in plugin ``losses``: the two distillation objectives and the reference logprob kernel.
+"""Built-in plugin ``losses``: the distillation objectives and the reference kernel.
 
 ``sampled_reverse_kl`` (OPD) trains on teacher − student logprob advantages with a clamped
 importance ratio; ``topk_forward_kl`` (SDFT) is a cross-entropy on the teacher's renormalised
-top-K. The reference kernel builds fp32 logits; it is ``trylast`` so fused kernels win "auto".
+top-K. With a local teacher the whole vocabulary is available: ``full_reverse_kl``,
+``full_forward_kl`` and ``generalized_jsd`` compare both distributions at every completion position.
+The reference kernel builds fp32 logits; it is ``trylast`` so fused kernels win "auto".
 """
 
 from __future__ import annotations
 
 from distill import LossSpec, hookimpl
 from distill.plugins.losses.objectives import (
+    FullVocabularyDivergence,
+    FullVocabularyOptions,
+    GeneralizedJSDOptions,
     SampledReverseKL,
     SampledReverseKLOptions,
     TopKForwardKL,
@@ -16,7 +21,7 @@ from distill.plugins.losses.objectives import (
 )
 from distill.plugins.losses.reference import REFERENCE_KERNEL
 
-__all__ = ["SampledReverseKL", "TopKForwardKL", "REFERENCE_KERNEL"]
+__all__ = ["SampledReverseKL", "TopKForwardKL", "FullVocabularyDivergence", "REFERENCE_KERNEL"]
 
 
 @hookimpl
@@ -36,6 +41,28 @@ def distill_losses() -> list[LossSpec]:
             config_cls=TopKForwardKLOptions,
             factory=lambda options, context: TopKForwardKL(options),
             top_k=lambda options: options.top_k,
+        ),
+        LossSpec(
+            name="full_reverse_kl",
+            summary="Exact reverse KL(student ‖ teacher) over the whole vocabulary (a local teacher).",
+            teacher_signal="hidden",
+            config_cls=FullVocabularyOptions,
+            factory=lambda options, context: FullVocabularyDivergence(beta=1.0, temperature=options.temperature),
+        ),
+        LossSpec(
+            name="full_forward_kl",
+            summary="Exact forward KL(teacher ‖ student) over the whole vocabulary (a local teacher).",
+            teacher_signal="hidden",
+            config_cls=FullVocabularyOptions,
+            factory=lambda options, context: FullVocabularyDivergence(beta=0.0, temperature=options.temperature),
+        ),
+        LossSpec(
+            name="generalized_jsd",
+            summary="TRL's generalised JSD over the whole vocabulary: beta 0 forward KL, 1 reverse KL.",
+            teacher_signal="hidden",
+            config_cls=GeneralizedJSDOptions,
+            factory=lambda options, context: FullVocabularyDivergence(beta=options.beta,
+                                                                      temperature=options.temperature),
         ),
     ]
 

@@ -1,7 +1,9 @@
 """The objectives, written exactly as the formulas in docs/concepts.md.
 
-Both return the loss *summed* over tokens plus summed metrics; the trainer divides by the number
-of active tokens in the whole step (or not, with ``loss.normalize = "sum"``).
+Each returns the loss *summed* over tokens plus summed metrics; the trainer divides by the number
+of active tokens in the whole step (or not, with ``loss.normalize = "sum"``). The sampled and top-K
+objectives need the student's logprobs at a few ids per token; the full-vocabulary ones compare
+both models' whole distributions through the kernel's ``divergence``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,18 @@ from typing import Literal
 
 import attrs
 import torch
-from distill import Objective, TokenBatch, finite, positive
 
+from distill import LossKernel, Objective, TokenBatch, finite, positive
 
-__all__ = ["SampledReverseKLOptions", "SampledReverseKL", "TopKForwardKLOptions", "TopKForwardKL"]
+__all__ = [
+    "SampledReverseKLOptions",
+    "SampledReverseKL",
+    "TopKForwardKLOptions",
+    "TopKForwardKL",
+    "FullVocabularyOptions",
+    "GeneralizedJSDOptions",
+    "FullVocabularyDivergence",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -83,3 +93,53 @@ class TopKForwardKL(Objective):
                 "student_topk_mass": torch.logsumexp(logprobs_N_K, dim=-1).exp().sum(),
             }
         return loss, metrics
+
+
+@attrs.frozen(kw_only=True)
+class FullVocabularyOptions:
+    """``temperature`` divides both models' logits before the divergence (TRL's and GKD's)."""
+
+    temperature: float = attrs.field(default=1.0, validator=[finite, positive])
+
+
+def _in_closed_unit_interval(_inst: object, _attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class GeneralizedJSDOptions(FullVocabularyOptions):
+    """``beta`` interpolates: 0 is forward KL(teacher ‖ student), 1 reverse KL(student ‖ teacher)."""
+
+    beta: float = attrs.field(default=0.5, validator=_in_closed_unit_interval)
+
+
+class FullVocabularyDivergence(Objective):
+    """``L = Σ_t D_β(p_student(·|x_<t) ‖ p_teacher(·|x_<t))`` over the whole vocabulary at every
+    completion position, TRL's generalised JSD (``β = 1`` reverse KL, ``β = 0`` forward KL).
+
+    The exact per-position divergence, not a sampled estimate: no importance ratio, since no
+    sampled token enters the loss. Tokens scored by different teachers (routed MOPD) are grouped
+    by the teacher's head.
+    """
+
+    def __init__(self, *, beta: float, temperature: float) -> None:
+        self.beta = beta
+        self.temperature = temperature
+
+    def loss(
+        self, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, kernel: LossKernel, tokens: TokenBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_hidden_N_G, head_N = tokens.teacher_hidden_N_G, tokens.teacher_head_N
+        total = hidden_N_H.new_zeros((), dtype=torch.promote_types(hidden_N_H.dtype, torch.float32))
+        for index, head_V_G in enumerate(tokens.teacher_heads):
+            rows = (head_N == index).nonzero().squeeze(1).to(hidden_N_H.device)
+            if rows.numel() == 0:
+                continue
+            vocab = min(weight_V_H.shape[0], head_V_G.shape[0])  # a padded head's extra rows are no tokens
+            divergence_R = kernel.divergence(
+                hidden_N_H[rows], weight_V_H[:vocab], teacher_hidden_N_G[rows].to(hidden_N_H.device),
+                head_V_G[:vocab].to(hidden_N_H.device), beta=self.beta, temperature=self.temperature,
+            )
+            total = total + divergence_R.sum()
+        return total, {"divergence": total.detach()}

@@ -67,6 +67,7 @@ def test_teachers_score_concurrently_and_keep_their_own_books():
     rollouts = [_rollout(row, [3, 4, 5]) for row in rows for _ in range(2)]
     skipped = Counter()
     kept, targets, books = asyncio.run(pool.score(rollouts, skipped))
+    pool.record(books)
     assert gauge["peak"] == 2  # both teachers were scoring at the same time
     assert [r.row.index for r in kept] == [0, 0, 1, 1, 2, 2]
     assert skipped == {"unknown_route:zzz": 1}  # once per row, not per completion

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.plugins.hf.sampler import HFSampler
 from distill.plugins.hf.teacher import HFTeacher
-from distill.testing import check_sampler, check_teacher, default_requests
+from distill.testing import check_same_scores, check_sampler, check_teacher, default_requests
 from distill.types import SamplingParams, ScoreFailure, TeacherScores
 
 UNIFORM = Path(__file__).resolve().parents[1] / "third_party_plugin" / "distill_uniform_teacher" / "__init__.py"
@@ -90,3 +90,17 @@ def test_a_sampler_that_ignores_its_seed_is_caught(tiny_models):
     sampler.sample = unseeded
     with pytest.raises(AssertionError, match="same seed and weights must give the same rollouts"):
         asyncio.run(check_sampler(sampler, params=SamplingParams(max_new_tokens=6, n=4)))
+
+
+def test_two_teachers_scoring_alike_pass_and_a_drift_above_the_tolerance_is_named(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"])
+    reference, same = HFTeacher(model, None, batch_size=8), HFTeacher(model, None, batch_size=1)
+    asyncio.run(check_same_scores(same, reference, top_k=3))
+
+    class Drifting(HFTeacher):
+        async def score(self, requests, *, top_k):
+            scores = await super().score(requests, top_k=top_k)
+            return [attrs.evolve(s, logprobs_C=s.logprobs_C - 1e-3) for s in scores]
+
+    with pytest.raises(AssertionError, match=r"logprobs differ from the reference's by more than 0.0001 \(request 0\)"):
+        asyncio.run(check_same_scores(Drifting(model, None, batch_size=8), reference, top_k=3))

@@ -103,6 +103,16 @@ def test_topk_forward_kl_runs_end_to_end(tmp_path, tiny_models, manager):
     assert 0 < lines[0]["teacher_topk_mass"] <= 1 and summary["loss"] == "topk_forward_kl"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["full_reverse_kl", "generalized_jsd"])
+def test_full_vocabulary_losses_run_end_to_end(tmp_path, tiny_models, manager, loss):
+    config = load_config(_write_config(tmp_path, tiny_models, steps=2), manager, [f"loss.name={loss}", "data.eval=''"])
+    summary = run(config, manager, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert lines[0]["divergence"] > 0 and summary["loss"] == loss and summary["loss_kernel"] == "chunked"
+
+
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tiny_models, manager):
     other = build_tokenizer(tmp_path / "other_tok", alphabet=list("0123456789abc"))
     build_model(tmp_path / "other_teacher", other, seed=3)
@@ -137,6 +147,12 @@ def test_validate_catches_a_misspelt_kernel_and_another_vocabulary_before_any_st
     (problem,) = foreign.stderr.splitlines()[1:]
     assert problem.startswith(f"  - teacher '{tmp_path / 'other_teacher'}' does not share the student's vocabulary")
     assert problem.endswith("@ teachers[0]")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unloadable = validate(f"student.tokenizer='{empty}'")
+    assert unloadable.returncode == 2
+    (problem,) = unloadable.stderr.splitlines()[1:]
+    assert problem.startswith(f"  - cannot load a tokenizer from '{empty}' (") and problem.endswith("@ student.tokenizer")
     assert validate().returncode == 0
     assert not (tmp_path / "out").exists()  # nothing ran
 
@@ -152,14 +168,17 @@ def _wait_for_steps(proc, metrics: Path, count: int, timeout=120.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_then_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, tiny_models, how):
+@pytest.mark.parametrize(("how", "staleness"), [(signal.SIGTERM, 0), (signal.SIGKILL, 0), (signal.SIGKILL, 1)])
+def test_interrupted_then_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, tiny_models, how, staleness):
+    """With max_staleness = 1 a checkpoint holds the prefetched rollouts, so the resumed run trains
+    on the very rollouts the uninterrupted one did."""
     config = _write_config(tmp_path, tiny_models, steps=12)
-    reference = _cli("run", str(config), "--no-progress", "--set", f"output_dir='{tmp_path / 'ref'}'")
+    pipelined = ("--set", f"train.max_staleness={staleness}")
+    reference = _cli("run", str(config), "--no-progress", "--set", f"output_dir='{tmp_path / 'ref'}'", *pipelined)
     assert reference.wait(timeout=300) == 0, reference.communicate()
 
     out = tmp_path / "interrupted"
-    args = ("run", str(config), "--no-progress", "--set", f"output_dir='{out}'")
+    args = ("run", str(config), "--no-progress", "--set", f"output_dir='{out}'", *pipelined)
     first = _cli(*args)
     _wait_for_steps(first, out / "metrics.jsonl", 5)
     first.send_signal(how)

@@ -19,6 +19,7 @@ from distill.plugins.fireworks import RemoteTeacherOptions
 from distill.plugins.fireworks.client import Invalid
 from distill.plugins.fireworks.teacher import RemoteTeacher, parse_fireworks_echo, parse_vllm_prompt_logprobs
 from distill.plugins.hf.teacher import HFTeacher
+from distill.testing import check_same_scores
 from distill.types import BuildContext, ScoreFailure, ScoreRequest
 
 REQUESTS = [ScoreRequest(prompt_ids=(2, 30, 31, 5, 3), completion_ids=(20, 21, 22, 1)),
@@ -69,12 +70,7 @@ def test_models_and_health_endpoints(server):
 
 def test_remote_scores_match_the_local_teacher(server, tiny_models):
     local = HFTeacher(AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]), None, batch_size=8)
-    expected = asyncio.run(local.score(REQUESTS, top_k=5))
-    got = asyncio.run(_remote(server).score(REQUESTS, top_k=5))
-    for want, have in zip(expected, got, strict=True):
-        torch.testing.assert_close(have.logprobs_C, want.logprobs_C, atol=1e-4, rtol=0)
-        assert have.topk_ids_C_K.tolist() == want.topk_ids_C_K.tolist()
-        torch.testing.assert_close(have.topk_logprobs_C_K, want.topk_logprobs_C_K, atol=1e-4, rtol=0)
+    asyncio.run(check_same_scores(_remote(server), local, top_k=5, requests=REQUESTS))
 
 
 def test_a_refused_request_fails_fast_with_the_servers_message(server):

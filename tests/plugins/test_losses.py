@@ -108,3 +108,55 @@ def test_reference_kernel_matches_log_softmax_and_upcasts_bf16():
     assert out.dtype == torch.float32
     full = torch.log_softmax(hidden.float() @ weight.float().T, -1)
     torch.testing.assert_close(out, full.gather(1, ids))
+
+
+def _full_vocabulary_batch(heads_B, hidden_B_C_G, heads):
+    B, C = hidden_B_C_G.shape[:2]
+    return TokenBatch(
+        input_ids_B_L=torch.zeros((B, C), dtype=torch.long), attention_mask_B_L=torch.ones((B, C), dtype=torch.long),
+        positions_B_C=torch.arange(C).repeat(B, 1), mask_B_C=torch.tensor([[True] * C, [True] * (C - 1) + [False]]),
+        completion_ids_B_C=torch.zeros((B, C), dtype=torch.long), sampling_logprobs_B_C=torch.zeros((B, C)),
+        model_logprobs_B_C=torch.zeros((B, C)), teacher_hidden_B_C_G=hidden_B_C_G,
+        teacher_head_B=torch.tensor(heads_B), teacher_heads=heads,
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_full_vocabulary_divergence_scores_each_token_against_the_head_of_its_own_teacher(beta):
+    from distill.plugins.losses.objectives import FullVocabularyDivergence
+
+    g = torch.Generator().manual_seed(0)
+    V, H, G = 11, 4, 6
+    weight_V_H = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    heads = (torch.randn(V, G, generator=g, dtype=torch.float64), torch.randn(V + 3, G, generator=g, dtype=torch.float64))
+    hidden_B_C_G = torch.randn(2, 3, G, generator=g, dtype=torch.float64)
+    tokens = _full_vocabulary_batch([1, 0], hidden_B_C_G, heads)  # row 0: the padded head, row 1: the other
+    hidden_N_H = torch.randn(5, H, generator=g, dtype=torch.float64)
+    loss, metrics = FullVocabularyDivergence(beta=beta, temperature=2.0).loss(hidden_N_H, weight_V_H,
+                                                                               REFERENCE_KERNEL, tokens)
+    expected = sum(
+        REFERENCE_KERNEL.divergence(hidden_N_H[rows], weight_V_H, tokens.teacher_hidden_N_G[rows], head[:V],
+                                    beta=beta, temperature=2.0).sum()
+        for rows, head in ((slice(0, 3), heads[1]), (slice(3, 5), heads[0]))
+    )
+    torch.testing.assert_close(loss, expected)
+    assert float(metrics["divergence"]) == pytest.approx(float(expected))
+    loss.backward()
+    assert weight_V_H.grad.abs().sum() > 0
+
+
+def test_a_full_vocabulary_loss_needs_teachers_with_hidden_states(manager):
+    from distill.config import parse_config
+    from distill.errors import ConfigError
+
+    raw = {"student": {"model": "s"}, "data": {"train": "t.jsonl"}, "loss": {"name": "full_reverse_kl"},
+           "teachers": [{"backend": "hf", "model": "local"},
+                        {"backend": "vllm", "base_url": "http://127.0.0.1:1", "model": "remote"}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == [
+        "loss 'full_reverse_kl' needs the teacher's hidden states and output head (its whole distribution), which "
+        "teacher backend 'vllm' does not provide (it gives per-token logprobs, top-K candidates); use a local teacher "
+        "(backend 'hf') or a loss such as sampled_reverse_kl or topk_forward_kl @ teachers[1].backend"
+    ]
+    assert parse_config({**raw, "teachers": raw["teachers"][:1]}, manager).router.name == "single"

@@ -221,14 +221,31 @@ def test_sample_parsers_read_ids_logprobs_and_finish():
         parse_completion_ids(greedy, "fireworks", 1)
 
 
-def test_the_vllm_dialect_needs_unfiltered_temperature_one_sampling(manager, tiny_models, tmp_path):
+def test_the_vllm_backend_needs_unfiltered_temperature_one_sampling(manager, tiny_models, tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
     base = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
             "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
-            "sampler": {"backend": "fireworks", "dialect": "vllm", "base_url": "http://127.0.0.1:1", "model": "s"}}
+            "sampler": {"backend": "vllm", "base_url": "http://127.0.0.1:1", "model": "s"}}
     with pytest.raises(ConfigError, match=r"returns raw logprobs only.*@ sampling"):
         parse_config({**base, "sampling": {"temperature": 0.7}}, manager, source=str(tmp_path / "run.toml"))
     parse_config({**base, "sampling": {"temperature": 1.0}}, manager, source=str(tmp_path / "run.toml"))
+
+
+def test_the_old_dialect_spelling_still_works_with_a_warning_and_contradictions_are_errors(manager, tiny_models,
+                                                                                           tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
+    base = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
+            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}]}
+    old = {"base_url": "http://127.0.0.1:1", "model": "s", "dialect": "vllm"}
+    with pytest.warns(FutureWarning, match='sampler: backend = "fireworks" with dialect = "vllm" is deprecated'):
+        with pytest.raises(ConfigError, match=r"returns raw logprobs only.*@ sampling"):
+            parse_config({**base, "sampler": {"backend": "fireworks", **old}, "sampling": {"temperature": 0.7}},
+                         manager)
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "sampler": {"backend": "vllm", **old, "dialect": "fireworks"}}, manager)
+    assert err.value.problems == [
+        "backend 'vllm' speaks the vllm dialect, got dialect = 'fireworks'; use backend = \"fireworks\" for a "
+        "Fireworks server @ sampler.dialect"]
 
 
 def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_server(tiny_models, tmp_path, manager):

@@ -23,6 +23,7 @@ from distill.plugins.fireworks import RemoteSamplerOptions, RemoteTeacherOptions
 from distill.plugins.fireworks.sampler import RemoteSampler
 from distill.plugins.fireworks.teacher import RemoteTeacher
 from distill.plugins.hf.teacher import HFTeacher
+from distill.testing import check_same_scores
 from distill.types import BuildContext, PromptRow, SamplingParams, ScoreRequest
 
 from .test_fireworks import _free_port
@@ -88,12 +89,8 @@ def test_vllm_logprobs_and_top_k_match_the_local_teacher(vllm_server):
     prompt = (2, 57, 45, 58, 45, 9, 10, 52, 12, 15, 50, 5, 3)  # What is 23+58?
     completions = [(63, 49, 45, 15, 8, 1), (63, 49, 45, 12, 12, 1), (63, 49, 45, 16, 1), (63, 45, 7)]
     requests = [ScoreRequest(prompt_ids=prompt, completion_ids=c) for c in completions] * 5
-    remote = asyncio.run(_teacher(vllm_server, batch_size=4).score(requests, top_k=5))
-    local = asyncio.run(HFTeacher(AutoModelForCausalLM.from_pretrained(TEACHER), None, 8).score(requests, top_k=5))
-    for want, have in zip(local, remote, strict=True):
-        torch.testing.assert_close(have.logprobs_C, want.logprobs_C, atol=1e-4, rtol=0)
-        assert have.topk_ids_C_K.tolist() == want.topk_ids_C_K.tolist()
-        torch.testing.assert_close(have.topk_logprobs_C_K, want.topk_logprobs_C_K, atol=1e-4, rtol=0)
+    local = HFTeacher(AutoModelForCausalLM.from_pretrained(TEACHER), None, 8)
+    asyncio.run(check_same_scores(_teacher(vllm_server, batch_size=4), local, top_k=5, requests=requests))
 
 
 def test_asking_more_than_max_logprobs_fails_fast_with_the_servers_message(vllm_server):
@@ -102,7 +99,7 @@ def test_asking_more_than_max_logprobs_fails_fast_with_the_servers_message(vllm_
 
 
 def test_the_demo_with_the_teacher_over_http_reaches_the_local_gain(vllm_server, tmp_path, manager):
-    teacher = (f"teachers.0={{backend = 'fireworks', dialect = 'vllm', base_url = '{vllm_server}', "
+    teacher = (f"teachers.0={{backend = 'vllm', base_url = '{vllm_server}', "
                f"model = '{TEACHER}', tokenizer = 'teacher'}}")
     # one thread: the server holds the other core
     config = load_config(DEMO / "opd.toml", manager, [teacher, f"output_dir='{tmp_path}'", "train.threads=1"])
