@@ -12,7 +12,7 @@ DEMO = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config_name", ["opd.toml", "topk.toml"])
+@pytest.mark.parametrize("config_name", ["opd.toml", "topk.toml", "full.toml"])
 def test_demo_distills_the_teacher_into_the_student(tmp_path, manager, config_name):
     config = load_config(DEMO / config_name, manager, [f"output_dir='{tmp_path / 'run'}'"])
     summary = run(config, manager, progress=False)
