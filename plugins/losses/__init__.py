@@ -42,19 +42,17 @@ def distill_losses() -> list[LossSpec]:
             factory=lambda options, context: TopKForwardKL(options),
             top_k=lambda options: options.top_k,
         ),
-        LossSpec(
-            name="full_reverse_kl",
-            summary="Exact reverse KL(student ‖ teacher) over the whole vocabulary (a local teacher).",
-            teacher_signal="hidden",
-            config_cls=FullVocabularyOptions,
-            factory=lambda options, context: FullVocabularyDivergence(beta=1.0, temperature=options.temperature),
-        ),
-        LossSpec(
-            name="full_forward_kl",
-            summary="Exact forward KL(teacher ‖ student) over the whole vocabulary (a local teacher).",
-            teacher_signal="hidden",
-            config_cls=FullVocabularyOptions,
-            factory=lambda options, context: FullVocabularyDivergence(beta=0.0, temperature=options.temperature),
+        *(
+            LossSpec(
+                name=f"full_{direction}_kl",
+                summary=f"Exact {direction} KL({divergence}) over the whole vocabulary (a local teacher).",
+                teacher_signal="hidden",
+                config_cls=FullVocabularyOptions,
+                factory=lambda options, context, beta=beta: FullVocabularyDivergence(
+                    beta=beta, temperature=options.temperature),
+            )
+            for direction, divergence, beta in (("reverse", "student ‖ teacher", 1.0),
+                                                ("forward", "teacher ‖ student", 0.0))
         ),
         LossSpec(
             name="generalized_jsd",
