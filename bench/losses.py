@@ -1,7 +1,8 @@
 """Benchmark of LM-head loss implementations: incremental peak memory and time of forward + backward.
 
-    python bench/losses.py --device cpu      # writes bench/results/losses-cpu.json, prints ratios
+    python bench/losses.py --device cpu      # writes bench/results/losses-cpu.json and .txt, prints ratios
     python bench/losses.py --device cuda
+    python bench/losses.py --loss jsd --device cpu --rounds 2   # writes bench/results/losses-jsd-cpu.*
 
 Every (implementation, shape) runs in its own process, so one implementation's allocator caches
 and compiled graphs never touch another's; the processes are interleaved (A B C, A B C per shape).
@@ -13,12 +14,22 @@ see its allocations, so a thread samples the process RSS every millisecond durin
 made after ``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` and ``malloc_trim``: every large tensor is then
 its own mmap, returned to the OS when freed, so RSS follows the live tensors (the timed passes
 keep glibc's default allocator behaviour).
-The loss is the importance-sampled reverse KL of ``sampled_reverse_kl`` (one id per row).
+``--rounds R`` repeats the whole interleaved sequence R times and reports each implementation's
+median over rounds (every round is kept in the JSON). Each row also records the loss value of its
+last timed pass, so implementations can be checked to compute the same quantity (at a small fp32
+shape first: ``--shapes 64,64,1000 --dtype float32``).
+
+Losses: ``sampled_reverse_kl`` (default), the importance-sampled reverse KL of ``sampled_reverse_kl``
+(one id per row); ``jsd``, the full-vocabulary divergence from a local teacher whose hidden size
+equals the student's (TRL's generalised JSD; ``--beta``, one or several, 0 = forward KL, 1 = reverse
+KL; ``--temperature``), averaged over rows: ``naive`` materialises both models' logits (the matmuls
+in the inputs' dtype, the rest fp32), ``chunked`` is ``ChunkedKernel.divergence``, ``liger_jsd`` is
+Liger's chunked ``LigerFusedLinearJSDLoss`` (its beta and temperature mean the same as TRL's).
 
 Peers run from ``--peer-python`` (a venv holding them, e.g. made with ``--system-site-packages`` and
 ``pip install --no-deps cut-cross-entropy liger-kernel``): Cut Cross-Entropy's ``torch_compile``
-implementation (a cross-entropy, the same LSE + gather work) and Liger's chunked GRPO loss (pure
-torch, so it runs on CPU; its Triton losses need a GPU).
+implementation (a cross-entropy, the same LSE + gather work) and Liger's chunked GRPO and JSD losses
+(pure torch, so they run on CPU; its Triton losses need a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -38,11 +50,16 @@ from typing import Any, Self
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
-    "cpu": [(4096, 1024, 32768), (2048, 1024, 151936)],
-    "cuda": [(4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)],
+    ("sampled_reverse_kl", "cpu"): [(4096, 1024, 32768), (2048, 1024, 151936)],
+    ("sampled_reverse_kl", "cuda"): [(4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 151936)],
+    ("jsd", "cpu"): [(1024, 1024, 151936)],
+    ("jsd", "cuda"): [(8192, 4096, 151936)],
 }
-IMPLS = ["naive", "naive_compiled", "chunked", "cce_torch_compile", "liger_grpo"]
-PEERS = {"cce_torch_compile": "cut-cross-entropy", "liger_grpo": "liger-kernel"}  # run from --peer-python
+IMPLS = {
+    "sampled_reverse_kl": ["naive", "naive_compiled", "chunked", "cce_torch_compile", "liger_grpo"],
+    "jsd": ["naive", "chunked", "liger_jsd"],
+}
+PEERS = {"cce_torch_compile": "cut-cross-entropy", "liger_grpo": "liger-kernel", "liger_jsd": "liger-kernel"}
 LIGER_SEQUENCE = 512  # tokens per sequence when the N rows are handed to Liger as [N / 512, 512]
 BASELINE = "naive"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -74,11 +91,11 @@ def _build(impl: str) -> Callable[..., Any]:
     if impl == "naive_compiled":
         return torch.compile(_naive)
     if impl == "chunked":
-        from distill.plugins.cuda_losses import CHUNKED_KERNEL
+        from distill.plugins.fused_losses import CHUNKED_KERNEL
 
         return lambda h, w, ids, s, a: _is_loss(CHUNKED_KERNEL(h, w, ids[:, None])[:, 0], s, a)
     if impl == "triton":
-        from distill.plugins.cuda_losses.triton_kernel import TRITON_KERNEL
+        from distill.plugins.fused_losses.triton_kernel import TRITON_KERNEL
 
         return lambda h, w, ids, s, a: _is_loss(TRITON_KERNEL(h, w, ids[:, None])[:, 0], s, a)
     if impl == "cce_torch_compile":
@@ -87,7 +104,7 @@ def _build(impl: str) -> Callable[..., Any]:
         return lambda h, w, ids, s, a: linear_cross_entropy(h, w, ids, reduction="sum", impl="torch_compile")
     if impl == "liger_grpo":
         return _liger_grpo()
-    raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}, triton")
+    raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS['sampled_reverse_kl'])}, triton")
 
 
 def _liger_grpo() -> Callable[..., Any]:
@@ -106,6 +123,44 @@ def _liger_grpo() -> Callable[..., Any]:
         mask = torch.ones(shape, dtype=torch.long, device=h.device)
         advantage = a.view(shape)[:, 0]
         return loss(h.view(*shape, -1), w, ids.view(shape), mask, advantage, old_per_token_logps=s.view(shape))[0]
+
+    return run
+
+
+def _build_jsd(impl: str, beta: float, temperature: float) -> Callable[..., Any]:
+    """The mean over rows of the generalised JSD, as a function of (h, W, teacher h, teacher W)."""
+    import torch
+
+    if impl == "naive":
+        return _naive_jsd(beta, temperature)
+    if impl == "chunked":
+        from distill.plugins.fused_losses import CHUNKED_KERNEL
+
+        return lambda h, w, g, u: CHUNKED_KERNEL.divergence(h, w, g, u, beta=beta, temperature=temperature).mean()
+    if impl == "liger_jsd":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # No hard (cross-entropy) term; every label valid, so Liger divides by N: the mean over rows.
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=temperature)
+        return lambda h, w, g, u: loss(h, w, g, u, torch.zeros(h.shape[0], dtype=torch.long, device=h.device))
+    raise SystemExit(f"unknown implementation {impl!r}; known: {', '.join(IMPLS['jsd'])}")
+
+
+def _naive_jsd(beta: float, temperature: float) -> Callable[..., Any]:
+    """The reference kernel's formula (TRL's) on materialised logits: the matmuls in the inputs' dtype
+    like the other naive implementation, not upcast first, which would only add memory."""
+    import torch
+
+    def run(h, w, g, u):
+        s = torch.log_softmax((h @ w.T).float() / temperature, dim=-1)
+        with torch.no_grad():
+            t = torch.log_softmax((g @ u.T).float() / temperature, dim=-1)
+        if beta == 0:
+            return (t.exp() * (t - s)).sum(-1).mean()
+        if beta == 1:
+            return (s.exp() * (s - t)).sum(-1).mean()
+        m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+        return (beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)).mean()
 
     return run
 
@@ -138,30 +193,39 @@ class _RssPeak:
         self.peak = max(self.peak, self.now())
 
 
-def worker(impl: str, n: int, h: int, v: int, dtype_name: str, device: str, warmup: int, iters: int) -> dict:
+def worker(impl: str, n: int, h: int, v: int, args: argparse.Namespace) -> dict:
     import torch
 
-    dtype = getattr(torch, dtype_name)
+    dtype, device = getattr(torch, args.dtype), args.device
     generator = torch.Generator().manual_seed(0)
     hidden_N_H = (torch.randn(n, h, generator=generator) / h**0.25).to(device, dtype).requires_grad_()
     weight_V_H = (torch.randn(v, h, generator=generator) / h**0.25).to(device, dtype).requires_grad_()
-    ids_N = torch.randint(0, v, (n,), generator=generator).to(device)
-    sampling_N = torch.full((n,), -float(torch.log(torch.tensor(float(v)))), device=device)
-    advantage_N = torch.randn(n, generator=generator).to(device)
-    loss_fn = _build(impl)
+    if args.loss == "jsd":
+        teacher_hidden_N_H = (torch.randn(n, h, generator=generator) / h**0.25).to(device, dtype)
+        teacher_weight_V_H = (torch.randn(v, h, generator=generator) / h**0.25).to(device, dtype)
+        loss_fn = _build_jsd(impl, args.beta[0], args.temperature)
+        inputs = (hidden_N_H, weight_V_H, teacher_hidden_N_H, teacher_weight_V_H)
+    else:
+        ids_N = torch.randint(0, v, (n,), generator=generator).to(device)
+        sampling_N = torch.full((n,), -float(torch.log(torch.tensor(float(v)))), device=device)
+        advantage_N = torch.randn(n, generator=generator).to(device)
+        loss_fn = _build(impl)
+        inputs = (hidden_N_H, weight_V_H, ids_N, sampling_N, advantage_N)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def one_pass() -> None:
+    def one_pass() -> torch.Tensor:
         hidden_N_H.grad = weight_V_H.grad = None
-        loss_fn(hidden_N_H, weight_V_H, ids_N, sampling_N, advantage_N).backward()
+        loss = loss_fn(*inputs)
+        loss.backward()
         sync()
+        return loss.detach()
 
-    for _ in range(warmup):
+    for _ in range(args.warmup):
         one_pass()
     times = []
-    for _ in range(iters):
+    for _ in range(args.iters):
         start = time.perf_counter()
-        one_pass()
+        value = float(one_pass())
         times.append(time.perf_counter() - start)
     hidden_N_H.grad = weight_V_H.grad = None
     if device == "cuda":
@@ -179,40 +243,61 @@ def worker(impl: str, n: int, h: int, v: int, dtype_name: str, device: str, warm
             base = rss.now()
             one_pass()
         peak = rss.peak - base
-    return {"impl": impl, "loss": "sampled_reverse_kl", "N": n, "H": h, "V": v, "dtype": dtype_name,
-            "peak_mib": round(peak / 2**20, 1), "ms": round(1000 * statistics.median(times), 1)}
+    row = {"impl": impl, "loss": args.loss, "N": n, "H": h, "V": v, "dtype": args.dtype,
+           "peak_mib": round(peak / 2**20, 1), "ms": round(1000 * statistics.median(times), 1), "value": value}
+    return row | ({"beta": args.beta[0], "temperature": args.temperature} if args.loss == "jsd" else {})
 
 
-# -- the driver: one process per (implementation, shape), interleaved ---------------------------
+# -- the driver: one process per (implementation, shape, beta), interleaved ---------------------
 
 
-def _run_worker(args: argparse.Namespace, impl: str, shape: tuple[int, int, int]) -> dict | None:
+def _run_worker(args: argparse.Namespace, impl: str, shape: tuple[int, int, int], beta: float) -> dict | None:
     python = args.peer_python if impl in PEERS else sys.executable
     if python is None:
         print(f"skip {impl}: no --peer-python with {PEERS[impl]}", file=sys.stderr)
         return None
     n, h, v = shape
     command = [python, __file__, "--worker", impl, str(n), str(h), str(v), "--dtype", args.dtype,
-               "--device", args.device, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+               "--device", args.device, "--warmup", str(args.warmup), "--iters", str(args.iters),
+               "--loss", args.loss, "--beta", str(beta), "--temperature", str(args.temperature)]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
-        print(f"skip {impl} {shape}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"skip {impl} {shape} beta={beta}: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     row = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(row), file=sys.stderr)
     return row
 
 
+def _case(row: dict) -> tuple:
+    return row["N"], row["H"], row["V"], row.get("beta")
+
+
+def _merge_rounds(runs: list[dict]) -> list[dict]:
+    """One row per (implementation, case): the medians over rounds, every round kept beside them."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["impl"], *_case(run)), []).append(run)
+    return [
+        group[0] | {"peak_mib": round(statistics.median(r["peak_mib"] for r in group), 1),
+                    "ms": round(statistics.median(r["ms"] for r in group), 1),
+                    "rounds": [{key: r[key] for key in ("peak_mib", "ms")} for r in group]}
+        for group in groups.values()
+    ]
+
+
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'N':>6} {'H':>5} {'V':>7}  {'impl':<18} {'peak MiB':>9} {'ms':>9} {'mem/naive':>9} {'time/naive':>10}"]
-    for shape in dict.fromkeys((r["N"], r["H"], r["V"]) for r in rows):
-        group = [r for r in rows if (r["N"], r["H"], r["V"]) == shape]
+    header = f"{'N':>6} {'H':>5} {'V':>7} {'beta':>4}  {'impl':<18} {'peak MiB':>9} {'ms':>9} {'mem/naive':>9}"
+    lines = [header + f" {'time/naive':>10} {'loss':>10}"]
+    for case in dict.fromkeys(_case(r) for r in rows):
+        group = [r for r in rows if _case(r) == case]
         base = next((r for r in group if r["impl"] == BASELINE), None)
         for r in group:
             mem = f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
             speed = f"{r['ms'] / base['ms']:.2f}" if base else "-"
-            lines.append(f"{r['N']:>6} {r['H']:>5} {r['V']:>7}  {r['impl']:<18} {r['peak_mib']:>9.1f} "
-                         f"{r['ms']:>9.1f} {mem:>9} {speed:>10}")
+            beta = "-" if r.get("beta") is None else f"{r['beta']:g}"
+            lines.append(f"{r['N']:>6} {r['H']:>5} {r['V']:>7} {beta:>4}  {r['impl']:<18} {r['peak_mib']:>9.1f} "
+                         f"{r['ms']:>9.1f} {mem:>9} {speed:>10} {r['value']:>10.5g}")
     return "\n".join(lines)
 
 
@@ -220,23 +305,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--shapes", nargs="*", help="N,H,V triples (default: the device's shapes)")
-    parser.add_argument("--impls", nargs="*", help=f"default: {' '.join(IMPLS)} (+ triton on cuda)")
+    parser.add_argument("--loss", choices=list(IMPLS), default="sampled_reverse_kl")
+    parser.add_argument("--beta", type=float, nargs="+", default=[0.5], help="jsd: 0 forward KL, 1 reverse KL (TRL's)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="jsd: divides both models' logits")
+    parser.add_argument("--shapes", nargs="*", help="N,H,V triples (default: the loss's shapes on the device)")
+    parser.add_argument("--impls", nargs="*", help="default: the loss's implementations (+ triton on cuda)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the interleaved sequence, report medians")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--peer-python", help="python of a venv with the peers installed: " + ", ".join(PEERS.values()))
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "H", "V"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         impl, n, h, v = args.worker
-        print(json.dumps(worker(impl, int(n), int(h), int(v), args.dtype, args.device, args.warmup, args.iters)))
+        print(json.dumps(worker(impl, int(n), int(h), int(v), args)))
         return
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[args.device]
-    impls = args.impls or IMPLS + (["triton"] if args.device == "cuda" else [])
-    rows = [row for shape in shapes for impl in impls if (row := _run_worker(args, impl, shape))]
+    shapes = SHAPES[args.loss, args.device]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    with_triton = args.device == "cuda" and args.loss == "sampled_reverse_kl"
+    impls = args.impls or IMPLS[args.loss] + (["triton"] if with_triton else [])
+    cases = [(shape, beta) for shape in shapes for beta in (args.beta if args.loss == "jsd" else [None])]
+    runs = [
+        row for _ in range(args.rounds) for shape, beta in cases for impl in impls
+        if (row := _run_worker(args, impl, shape, beta))
+    ]
+    rows = _merge_rounds(runs)
+    name = "losses" if args.loss == "sampled_reverse_kl" else f"losses-{args.loss}"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"losses-{args.device}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{name}-{args.device}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{name}-{args.device}.txt").write_text(_table(rows) + "\n")
     print(_table(rows))
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from distill.plugins.fused_losses.chunked import CHUNKED_KERNEL, ActiveRows
+
 __all__ = ["TritonKernel", "TRITON_KERNEL"]
 
 
@@ -100,6 +102,11 @@ class TritonKernel:
     ) -> torch.Tensor:
         return _TritonLogprobs.apply(hidden_N_H, weight_V_H, ids_N_K, self)
 
+    def divergence(self, *args: torch.Tensor, beta: float, temperature: float) -> torch.Tensor:
+        """The full-vocabulary divergence has no Triton version yet: the chunked torch kernel runs
+        it, on the same device."""
+        return CHUNKED_KERNEL.divergence(*args, beta=beta, temperature=temperature)
+
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, Any]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
@@ -132,22 +139,19 @@ class _TritonLogprobs(torch.autograd.Function):
         hidden_N_H, weight_V_H, ids_N_K, lse_N = ctx.saved_tensors
         kernel: TritonKernel = ctx.kernel
         acc_torch, acc_triton = _acc(hidden_N_H.dtype)
-        # Rows whose upstream gradient is all zero (masked, clamped ratio) contribute nothing.
-        active_A = (grad_N_K != 0).any(dim=1).nonzero().squeeze(1)
-        dh_N_H = torch.zeros(hidden_N_H.shape, dtype=acc_torch, device=hidden_N_H.device)
+        rows = ActiveRows(grad_N_K)
+        dh_A_H = torch.zeros((rows.count, hidden_N_H.shape[1]), dtype=acc_torch, device=hidden_N_H.device)
         dw_V_H = torch.zeros(weight_V_H.shape, dtype=acc_torch, device=weight_V_H.device)
-        if active_A.numel() > 0:
-            dh_A_H = torch.zeros((active_A.numel(), hidden_N_H.shape[1]), dtype=acc_torch, device=hidden_N_H.device)
+        if rows.count > 0:
             (vocab, width), k = weight_V_H.shape, ids_N_K.shape[1]
             grid = (triton.cdiv(vocab, kernel.block_v),)
             _backward_kernel[grid](
-                hidden_N_H[active_A].contiguous(), weight_V_H, ids_N_K[active_A].contiguous(),
-                lse_N[active_A].contiguous(), grad_N_K[active_A].to(acc_torch).contiguous(), dh_A_H, dw_V_H,
-                active_A.numel(), vocab, width, k,
+                rows.take(hidden_N_H).contiguous(), weight_V_H, rows.take(ids_N_K).contiguous(),
+                rows.take(lse_N).contiguous(), rows.take(grad_N_K).to(acc_torch).contiguous(), dh_A_H, dw_V_H,
+                rows.count, vocab, width, k,
                 BLOCK_N=kernel.block_n, BLOCK_V=kernel.block_v, BLOCK_H=kernel.block_h, ACC=acc_triton,
             )
-            dh_N_H[active_A] = dh_A_H
-        dh = dh_N_H.to(hidden_N_H.dtype) if ctx.needs_input_grad[0] else None
+        dh = rows.scatter(dh_A_H, hidden_N_H.dtype) if ctx.needs_input_grad[0] else None
         dw = dw_V_H.to(weight_V_H.dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None
 

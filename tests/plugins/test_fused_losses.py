@@ -232,3 +232,16 @@ def test_demo_trajectory_with_chunked_kernel_matches_reference(tmp_path):
     for ours, reference in zip(metrics["chunked"], metrics["reference"]):
         assert ours["completion_tokens"] == reference["completion_tokens"]
         assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-3)
+
+
+@pytest.mark.triton
+def test_the_triton_kernel_computes_the_divergence_with_the_reference_values():
+    kernel = _triton_kernel()
+    device = _device(kernel)
+    g = torch.Generator().manual_seed(3)
+    hidden_N_H, weight_V_H = torch.randn(7, 8, generator=g, dtype=torch.float64), torch.randn(20, 8, generator=g, dtype=torch.float64)
+    teacher_N_G, head_V_G = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(20, 5, generator=g, dtype=torch.float64)
+    args = [t.to(device) for t in (hidden_N_H, weight_V_H, teacher_N_G, head_V_G)]
+    got = kernel.divergence(*args, beta=0.5, temperature=2.0)
+    want = REFERENCE_KERNEL.divergence(*args, beta=0.5, temperature=2.0)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
