@@ -77,6 +77,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long)
     cache_arg = _cache_argument(model)
+    unfiltered = temperature == 1.0 and not 0 < top_k < model.config.vocab_size and top_p >= 1.0
     cache = None
     step_ids, step_positions = input_ids, positions
     try:
@@ -95,7 +96,9 @@ def generate(
                 next_ids = logits.argmax(dim=-1)
                 sampling_lp = model_lp
             else:
-                sampling_lp = torch.log_softmax(_filter(logits / temperature, top_k, top_p), dim=-1)
+                # unfiltered at temperature 1 the behaviour policy is the model: the same tensor
+                sampling_lp = model_lp if unfiltered else torch.log_softmax(
+                    _filter(logits / temperature, top_k, top_p), dim=-1)
                 next_ids = torch.multinomial(
                     sampling_lp.exp().cpu(), 1, generator=generator
                 ).squeeze(1).to(device)
