@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -26,16 +26,42 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "derive_seed",
+    "SkipLine",
+    "parse_lines",
     "render_prompt",
     "DataCursor",
 ]
 
+T = TypeVar("T")
+
 TEACHER_MESSAGES_FALLBACKS = ("teacher_messages", "privileged_messages", "teacher_prompt_messages")
 
 
-class _Skip(Exception):
+class SkipLine(Exception):
+    """Raised by a line parser for a line to skip; ``reason`` is what it is counted under."""
+
     def __init__(self, reason: str) -> None:
+        super().__init__(reason)
         self.reason = reason
+
+
+def parse_lines(
+    lines: Sequence[str], parse: Callable[[str, int], T]
+) -> tuple[list[T], Counter[str], dict[str, int]]:
+    """``parse(line, line_number)`` of each non-blank line; the lines it rejects with
+    :class:`SkipLine` are counted by reason, with the first line number of each reason."""
+    parsed: list[T] = []
+    skipped: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append(parse(line, number))
+        except SkipLine as skip:
+            skipped[skip.reason] += 1
+            first_line.setdefault(skip.reason, number)
+    return parsed, skipped, first_line
 
 
 @attrs.frozen
@@ -50,14 +76,14 @@ class Dataset:
 
 def _check_messages(value: Any, field: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not value:
-        raise _Skip(f"malformed_{field}")
+        raise SkipLine(f"malformed_{field}")
     for message in value:
         if (
             not isinstance(message, dict)
             or not isinstance(message.get("role"), str)
             or not isinstance(message.get("content"), str)
         ):
-            raise _Skip(f"malformed_{field}")
+            raise SkipLine(f"malformed_{field}")
     return tuple(value)
 
 
@@ -80,11 +106,11 @@ def _parse_row(
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
-        raise _Skip("invalid_json") from None
+        raise SkipLine("invalid_json") from None
     if not isinstance(row, dict):
-        raise _Skip("not_an_object")
+        raise SkipLine("not_an_object")
     if "messages" not in row:
-        raise _Skip("missing_messages")
+        raise SkipLine("missing_messages")
     messages = _check_messages(row["messages"], "messages")
 
     teacher_messages: dict[str, tuple[dict[str, Any], ...]] = {}
@@ -97,17 +123,17 @@ def _parse_row(
     answer = row.get("expected_answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise _Skip("wrong_type:expected_answer")
+            raise SkipLine("wrong_type:expected_answer")
         answer = str(answer)
 
     try:
         prompt_ids = render_prompt(tokenizer, messages)
         teacher_prompts = {key: render_prompt(tokenizer, view) for key, view in teacher_messages.items()}
     except Exception:  # a template that raises on this row's content
-        raise _Skip("template_error") from None
+        raise SkipLine("template_error") from None
     longest = max([len(prompt_ids), *(len(ids) for ids in teacher_prompts.values())])
     if max_prompt_tokens is not None and longest > max_prompt_tokens:
-        raise _Skip("prompt_too_long")
+        raise SkipLine("prompt_too_long")
 
     contract = {"messages", "expected_answer", *TEACHER_MESSAGES_FALLBACKS, *teacher_messages_keys}
     return PromptRow(
@@ -146,25 +172,11 @@ def load_dataset(
     except UnicodeDecodeError as exc:
         raise DataError(f"Dataset file {path} is not UTF-8 text: {exc}") from None
 
-    rows: list[PromptRow] = []
-    skipped: Counter[str] = Counter()
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(
-                _parse_row(
-                    line,
-                    number,
-                    tokenizer,
-                    max_prompt_tokens=max_prompt_tokens,
-                    teacher_messages_keys=teacher_messages_keys,
-                )
-            )
-        except _Skip as skip:
-            skipped[skip.reason] += 1
-            first_line.setdefault(skip.reason, number)
+    rows, skipped, first_line = parse_lines(
+        lines,
+        lambda line, number: _parse_row(line, number, tokenizer, max_prompt_tokens=max_prompt_tokens,
+                                        teacher_messages_keys=teacher_messages_keys),
+    )
     if not rows:
         reasons = ", ".join(f"{r}: {n} (first at line {first_line[r]})" for r, n in skipped.items())
         raise DataError(f"No usable row in {path}. Skipped rows by reason: {reasons or 'file is empty'}.")

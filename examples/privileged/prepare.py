@@ -24,8 +24,9 @@ import argparse
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
+
+from distill.data import SkipLine, parse_lines
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_INPUT = REPO.parent / "shared" / "data" / "gsm8k_200.jsonl"
@@ -33,28 +34,23 @@ DEFAULT_OUTPUT = REPO / "examples" / "privileged" / "data" / "gsm8k.jsonl"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-class Skip(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
 def convert(line: str) -> dict:
-    """One input line as a contract row; raises :class:`Skip` with a reason."""
+    """One input line as a contract row; raises :class:`SkipLine` with a reason."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
-        raise Skip("invalid_json") from None
+        raise SkipLine("invalid_json") from None
     if not isinstance(row, dict):
-        raise Skip("not_an_object")
+        raise SkipLine("not_an_object")
     question, answer = row.get("question"), row.get("answer")
     if not isinstance(question, str) or not question.strip():
-        raise Skip("missing_question")
+        raise SkipLine("missing_question")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        raise Skip("missing_answer")
+        raise SkipLine("missing_answer")
     worked, _, final = str(answer).rpartition("####")
     final = final.strip().replace(",", "")
     if NUMBER.fullmatch(final) is None:
-        raise Skip("non_numeric_answer")
+        raise SkipLine("non_numeric_answer")
     question, worked = question.strip(), worked.strip()
     hint = f"Here is a worked solution: {worked}\n" if worked else ""
     hint += f"The final answer is {final}. Now answer the question."
@@ -78,17 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare.py: input not found: {args.input}", file=sys.stderr)
         return 2
 
-    rows: list[dict] = []
-    skipped: Counter[str] = Counter()
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(convert(line))
-        except Skip as skip:
-            skipped[skip.reason] += 1
-            first_line.setdefault(skip.reason, number)
+    rows, skipped, first_line = parse_lines(lines, lambda line, number: convert(line))
 
     if not rows:
         print(f"prepare.py: no usable row in {args.input}; nothing written", file=sys.stderr)

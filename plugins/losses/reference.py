@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from distill import full_logprobs
+
 __all__ = ["ReferenceKernel", "REFERENCE_KERNEL"]
 
 
@@ -17,9 +19,7 @@ class ReferenceKernel:
     def __call__(
         self, hidden_N_H: torch.Tensor, weight_V_H: torch.Tensor, ids_N_K: torch.Tensor
     ) -> torch.Tensor:
-        dtype = torch.promote_types(hidden_N_H.dtype, torch.float32)
-        logits_N_V = hidden_N_H.to(dtype) @ weight_V_H.to(dtype).T
-        return torch.log_softmax(logits_N_V, dim=-1).gather(1, ids_N_K)
+        return full_logprobs(hidden_N_H, weight_V_H).gather(1, ids_N_K)
 
     def divergence(
         self,
