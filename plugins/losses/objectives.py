@@ -30,7 +30,7 @@ __all__ = [
 class SampledReverseKLOptions:
     loss_scale: float = attrs.field(default=1.0, validator=finite)
     ratio_log_cap: float = attrs.field(default=20.0, validator=[positive, finite])
-    baseline: Literal["sampling", "model", "current"] = "sampling"
+    baseline: Literal["sampling", "model"] = "sampling"
 
 
 class SampledReverseKL(Objective):
@@ -53,8 +53,7 @@ class SampledReverseKL(Objective):
         opts = self.options
         logprobs_N = logprobs_N_K[:, 0]
         sampling_N = tokens.sampling_logprobs_N.to(logprobs_N.dtype)
-        baseline_N = {"sampling": sampling_N, "model": tokens.model_logprobs_N,
-                      "current": logprobs_N.detach()}[opts.baseline]
+        baseline_N = sampling_N if opts.baseline == "sampling" else tokens.model_logprobs_N
         advantage_N = opts.loss_scale * (tokens.teacher_logprobs_N.to(logprobs_N.dtype) - baseline_N)
         log_ratio_N = logprobs_N - sampling_N
         ratio_N = torch.exp(log_ratio_N.clamp(-opts.ratio_log_cap, opts.ratio_log_cap))

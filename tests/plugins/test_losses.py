@@ -30,17 +30,6 @@ def _tokens(ids, sampling, model=None, teacher=None, topk_ids=None, topk_lps=Non
     )
 
 
-def test_current_baseline_measures_the_advantage_at_the_weights_being_trained():
-    tokens = _tokens([0, 1], sampling=[-1.0, -2.0], teacher=[-0.5, -3.0])
-    current = torch.tensor([[-1.0], [-1.5]], dtype=torch.float64, requires_grad=True)
-    loss, metrics = SampledReverseKL(SampledReverseKLOptions(loss_scale=2.0, baseline="current"))(current, tokens)
-    advantage = [2.0 * (-0.5 + 1.0), 2.0 * (-3.0 + 1.5)]
-    assert float(loss) == pytest.approx(-(1.0 * advantage[0] + math.exp(0.5) * advantage[1]))
-    assert float(metrics["advantage"]) == pytest.approx(sum(advantage))
-    loss.backward()  # the baseline is a constant: d/dlp of −r·A is −r·A only
-    assert current.grad[:, 0].tolist() == pytest.approx([-1.0 * advantage[0], -math.exp(0.5) * advantage[1]])
-
-
 def test_reverse_kl_loss_by_hand():
     tokens = _tokens([0, 1], sampling=[-1.0, -2.0], teacher=[-0.5, -3.0])
     current = torch.tensor([[-1.0], [-1.5]], dtype=torch.float64)  # ratio 1 and e^0.5
