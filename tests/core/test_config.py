@@ -57,7 +57,7 @@ def test_every_error_is_reported_at_once_with_its_path(manager):
         "must be > 0, got 0 @ train.steps",
         "must be > 0, got -1.0 @ train.learning_rate",
         "unknown key(s) 'colour' @ teachers[0]",
-        "Unknown loss 'fkl'. Available: sampled_reverse_kl, topk_forward_kl. @ loss.name",
+        "Unknown loss 'fkl'. Available: full_forward_kl, full_reverse_kl, generalized_jsd, sampled_reverse_kl, topk_forward_kl. @ loss.name",
     ]
     assert str(err.value).startswith("5 config error(s) in run.toml:\n  - must be > 0, got 0.0 @ sampling.temperature")
 

@@ -54,7 +54,7 @@ def test_disabled_plugin_is_not_loaded_and_named_in_lookups(monkeypatch):
 
 
 def test_unknown_component_lists_what_is_available():
-    with pytest.raises(UnknownComponentError, match=r"^Unknown loss 'fkl'\. Available: sampled_reverse_kl, topk_forward_kl\.$"):
+    with pytest.raises(UnknownComponentError, match=r"^Unknown loss 'fkl'\. Available: full_forward_kl, full_reverse_kl, generalized_jsd, sampled_reverse_kl, topk_forward_kl\.$"):
         PluginManager().get("loss", "fkl")
 
 
