@@ -348,7 +348,7 @@ class _Entry:
 
     kind: Kind
     path: str
-    index: int | None  # position in a ``list`` section, or the sink name's position
+    index: int | None  # position in a ``list`` section
     rest: dict[str, Any]
 
 

@@ -93,7 +93,9 @@ def distill_losses() -> list[LossSpec]:
     """Register training objectives, selected by ``[loss] name = NAME``.
 
     A loss's factory returns a :class:`distill.protocols.Objective`. ``LossSpec.teacher_signal``
-    says whether it needs per-token teacher logprobs (``"logprobs"``) or top-K (``"topk"``).
+    says whether it needs per-token teacher logprobs (``"logprobs"``), top-K (``"topk"``, with
+    ``LossSpec.top_k`` saying how many) or the teacher's hidden states and head (``"hidden"``, local
+    teachers only).
 
     Example::
 
