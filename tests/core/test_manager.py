@@ -150,3 +150,10 @@ def test_observers_receive_keyword_arguments():
     manager.register(Observer(), name="observer")
     manager.on_step_end(run=None, step=3, metrics={"loss": 1.0})
     assert seen == [(3, {"loss": 1.0})]
+
+
+def test_the_old_name_of_the_kernels_plugin_still_disables_it_with_a_warning():
+    with pytest.warns(FutureWarning, match="plugin 'cuda_losses' is now called 'fused_losses'"):
+        manager = PluginManager(disabled={"cuda_losses"})
+    assert manager.disabled == {"fused_losses"}
+    assert "fused_losses" not in {info.name for info in manager.plugins()}

@@ -160,3 +160,18 @@ def test_a_full_vocabulary_loss_needs_teachers_with_hidden_states(manager):
         "(backend 'hf') or a loss such as sampled_reverse_kl or topk_forward_kl @ teachers[1].backend"
     ]
     assert parse_config({**raw, "teachers": raw["teachers"][:1]}, manager).router.name == "single"
+
+
+@pytest.mark.parametrize(("staleness", "warned"), [(0, False), (1, True)])
+def test_pipelined_sampled_reverse_kl_warns_that_it_diverged_on_the_demo(manager, staleness, warned):
+    from structlog.testing import capture_logs
+
+    from distill.config import config_context, parse_config
+
+    config = parse_config({"student": {"model": "s"}, "data": {"train": "t.jsonl"},
+                           "teachers": [{"backend": "hf", "model": "t"}],
+                           "train": {"max_staleness": staleness}}, manager)
+    with capture_logs() as logs:
+        manager.build("loss", "sampled_reverse_kl", config.loss.options, config_context(config, manager))
+    assert [log["log_level"] for log in logs] == (["warning"] if warned else [])
+    assert all("sampled_reverse_kl with train.max_staleness = 1" in log["event"] for log in logs)
