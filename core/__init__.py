@@ -6,7 +6,7 @@ validators, and the data types of a step. Plugins import from here and :mod:`dis
 """
 
 from distill.align import TokenBatch, completion_positions
-from distill.config import finite, non_negative, positive, resolve_path, unit_interval
+from distill.config import display_config, finite, non_negative, positive, resolve_path, unit_interval
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
 from distill.modeling import completion_hidden_states, final_hidden_states, full_logprobs, head_weight
@@ -60,6 +60,7 @@ __all__ = [
     "DataError",
     "DistillError",
     "PluginError",
+    "display_config",
     "finite",
     "non_negative",
     "positive",

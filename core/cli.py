@@ -1,8 +1,10 @@
 """``distill-run``: run, validate and inspect distillation runs.
 
-    distill-run run CONFIG [--set section.key=value]... [--resume | --no-resume]
-    distill-run validate CONFIG [--set ...]
+    distill-run run CONFIG [--set section.key=value]... [--unset section.key]... [--resume | --no-resume | --resume-anyway]
+    distill-run validate CONFIG [--set ...] [--unset ...]
     distill-run plugins [--json]
+    distill-run status RUN_DIR
+    distill-run report RUN_DIR [RUN_DIR]... [--out DIR] [--format png|svg]
 
 ``--disable-plugin NAME`` (repeatable) or ``DISTILL_DISABLE_PLUGINS=a,b`` keeps plugins unloaded.
 """
@@ -54,29 +56,49 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config value with a TOML value, e.g. --set train.steps=10 or "
+                             "--set 'metrics.sinks=[\"jsonl\"]' (repeatable)")
+    parser.add_argument("--unset", action="append", default=[], metavar="KEY",
+                        help="remove a config key or table before the --set values apply (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-run", description="On-policy distillation of language models.")
     parser.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
                         help="do not load this plugin (repeatable; also DISTILL_DISABLE_PLUGINS=a,b)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a distillation, resuming from the output_dir if it has checkpoints")
     run.add_argument("config", help="TOML run config")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                     help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    _add_overrides(run)
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_const", const="always", dest="resume",
                       help="require a checkpoint to resume from")
     mode.add_argument("--no-resume", action="store_const", const="never", dest="resume",
                       help="refuse to run if output_dir already has checkpoints")
+    mode.add_argument("--resume-anyway", action="store_const", const="anyway", dest="resume",
+                      help="resume the checkpoint even though this config changes what it trains "
+                           "(seed, data, models, loss, ...); requires a checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar; log every step instead")
     run.set_defaults(resume="auto")
 
     validate = commands.add_parser(
         "validate", help="check a config (and the tokenizers it names) and report every problem at once")
     validate.add_argument("config")
-    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    _add_overrides(validate)
+
+    status = commands.add_parser("status", help="print a run folder's status.json (state, step, tokens, error)")
+    status.add_argument("run_dir")
+
+    report = commands.add_parser("report", help="plot runs' metrics into PNG/SVG files and one index.html "
+                                                "(needs the report extra: pip install 'distill[report]')")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; several are overlaid")
+    report.add_argument("--out", help="where to write (default: report/ in the first run folder)")
+    report.add_argument("--format", choices=("png", "svg"), default="png", help="image format (default png)")
 
     plugins = commands.add_parser("plugins", help="list installed plugins and their components")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
@@ -102,16 +124,35 @@ def _plugins(manager: PluginManager, as_json: bool) -> None:
         print(f"disabled: {', '.join(sorted(manager.disabled))}")
 
 
+def _status(run_dir: str) -> int:
+    from distill.status import read_status
+
+    status = read_status(run_dir)
+    if status is None:
+        print(f"distill-run: {run_dir} has no status.json: not a run folder, or its run has not started",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(status, indent=1))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     _quiet_transformers()
     try:
+        if args.command == "status":
+            return _status(args.run_dir)
+        if args.command == "report":
+            from distill.plots import write_report
+
+            print(write_report(args.run_dirs, out=args.out, image_format=args.format))
+            return 0
         manager = PluginManager(disabled=set(args.disable_plugin) | disabled_from_env())
         if args.command == "plugins":
             _plugins(manager, args.json)
             return 0
-        config = load_config(args.config, manager, args.overrides)
+        config = load_config(args.config, manager, args.overrides, args.unset)
         if args.command == "validate":
             from distill.preflight import preflight
 
@@ -129,9 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     except ConfigError as exc:
+        if args.debug:
+            raise
         print(f"distill-run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except DistillError as exc:
+    except (DistillError, OSError) as exc:  # OSError: the disk or the network, not a bug of ours
+        if args.debug:
+            raise
         print(f"distill-run: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -9,15 +9,23 @@ once, each with its path (``must be > 0, got 0 @ train.steps``).
 from __future__ import annotations
 
 import contextlib
+import difflib
+import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 import attrs
 import cattrs
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_mutable_sequence,
+    is_sequence,
+    list_structure_factory,
+)
 from cattrs.errors import (
     AttributeValidationNote,
     ClassValidationError,
@@ -55,6 +63,9 @@ __all__ = [
     "resolve_path",
     "resolve_teachers",
     "config_context",
+    "TRAJECTORY_FIELDS",
+    "RESUMABLE_FIELDS",
+    "trajectory_changes",
     "device_type",
     "positive",
     "non_negative",
@@ -86,6 +97,30 @@ def unit_interval(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"must be in (0, 1], got {value!r}")
 
 
+def _not_blank(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    """An empty path would quietly mean the working directory."""
+    if not value.strip():
+        raise ValueError(f"must not be empty, got {value!r}")
+
+
+def _betas(_inst: Any, attribute: attrs.Attribute, value: tuple[float, float]) -> None:
+    if not all(0.0 <= beta < 1.0 for beta in value):
+        raise ValueError(f"must be two numbers in [0, 1), got {list(value)!r}")
+
+
+def _seed(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    """Steps derive their seeds as ``seed * 1_000_003 + step``: these must stay within torch's
+    64-bit seed range, which [0, 2**32) leaves ample room for."""
+    if not 0 <= value < 2**32:
+        raise ValueError(f"must be in [0, 2**32), got {value!r}")
+
+
+def _distinct(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    """A component listed twice is built twice (a metric sink would write every line twice)."""
+    if len(set(value)) != len(value):
+        raise ValueError(f"must list each name once, got {list(value)!r}")
+
+
 def _field(default: Any = attrs.NOTHING, *validators: Any, **kwargs: Any) -> Any:
     return attrs.field(default=default, validator=list(validators), **kwargs)
 
@@ -97,7 +132,7 @@ def _field(default: Any = attrs.NOTHING, *validators: Any, **kwargs: Any) -> Any
 class StudentConfig:
     """The model being trained, in Hugging Face format (a local folder or a hub id)."""
 
-    model: str
+    model: str = _field(attrs.NOTHING, _not_blank)
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
@@ -120,7 +155,7 @@ class SamplingConfig:
 
 @attrs.frozen(kw_only=True)
 class DataConfig:
-    train: str
+    train: str = _field(attrs.NOTHING, _not_blank)
     eval: str | None = None
     max_prompt_tokens: int | None = _field(None, positive)
     shuffle: bool = True
@@ -134,7 +169,7 @@ class TrainConfig:
     micro_batch_size: int = _field(64, positive)
     learning_rate: float = _field(1e-4, finite, positive)
     weight_decay: float = _field(0.0, finite, non_negative)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = _field((0.9, 0.999), _betas)
     adam_eps: float = _field(1e-8, positive)
     warmup_steps: int = _field(0, non_negative)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -209,7 +244,7 @@ class CheckpointConfig:
 
 @attrs.frozen(kw_only=True)
 class MetricsConfig:
-    sinks: tuple[str, ...] = ("jsonl",)
+    sinks: tuple[str, ...] = _field(("jsonl",), _distinct)
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -220,8 +255,8 @@ class RunConfig:
     student: StudentConfig
     data: DataConfig
     teachers: tuple[TeacherConfig, ...] = attrs.field()
-    output_dir: str = "runs/distill"
-    seed: int = 0
+    output_dir: str = _field("runs/distill", _not_blank)
+    seed: int = _field(0, _seed)
     sampling: SamplingConfig = attrs.field(factory=SamplingConfig)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
@@ -237,6 +272,47 @@ class RunConfig:
     def _some_teacher(self, attribute: attrs.Attribute, value: tuple[TeacherConfig, ...]) -> None:
         if not value:
             raise ValueError("must list at least one teacher ([[teachers]])")
+
+
+# -- what a resume checks: every field is in exactly one of the two lists (a test holds this) ------
+
+TRAJECTORY_FIELDS: tuple[str, ...] = (
+    "seed",
+    "student.model", "student.tokenizer", "student.dtype",
+    "data.train", "data.max_prompt_tokens", "data.shuffle",
+    "eval.max_new_tokens",  # it also caps the prompt length of training rows (room left in the context)
+    "teachers", "sampler", "router", "blender",
+    "sampling",
+    "loss.name", "loss.normalize", "loss.options",
+    "train.steps",  # the learning-rate schedule spans them
+    "train.prompt_groups_per_step", "train.completions_per_prompt", "train.max_staleness",
+    "train.learning_rate", "train.weight_decay", "train.adam_betas", "train.adam_eps",
+    "train.warmup_steps", "train.schedule", "train.max_grad_norm",
+)
+"""What a run trains on and how it updates, by dotted path (a section means all of it). Resuming a
+checkpoint under other values would splice two experiments into one, so a resume refuses that."""
+
+RESUMABLE_FIELDS: tuple[str, ...] = (
+    "output_dir", "source", "checkpoint", "metrics",
+    "data.eval", "eval.every_steps", "eval.answer_pattern", "eval.limit", "eval.at_start",
+    "student.device", "train.threads", "train.micro_batch_size", "loss.kernel",
+)
+"""What may change on resume: where the run writes, what it evaluates and reports, and where and in
+how many pieces it computes (which moves only the last bits of the arithmetic)."""
+
+
+def trajectory_changes(saved: Mapping[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{path: (saved value, config's value)}`` for each trajectory field that differs between
+    ``saved`` (the :func:`display_config` a checkpoint recorded, read back from JSON) and ``config``."""
+    now = json.loads(json.dumps(display_config(config)))  # as JSON holds it: tuples become lists
+
+    def get(node: Any, path: str) -> Any:
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return node
+
+    return {path: (get(saved, path), get(now, path)) for path in TRAJECTORY_FIELDS
+            if get(saved, path) != get(now, path)}
 
 
 # -- the converter ------------------------------------------------------------------------------
@@ -258,6 +334,45 @@ def _literal(value: Any, type_: Any) -> Any:
     return value
 
 
+def _is_list(type_: Any) -> bool:
+    return is_sequence(type_) or get_origin(type_) is tuple
+
+
+def _list_only(type_: Any, conv: cattrs.Converter) -> Any:
+    """cattrs' hook for a list or tuple type, refusing anything but a list: it would take a string
+    or a table apart into its characters or keys (``columns = "loss"`` -> ``('l', 'o', 's', 's')``)."""
+    args = get_args(type_)
+    fixed = get_origin(type_) is tuple and args and args[-1] is not Ellipsis
+    if fixed:
+        base = conv.gen_structure_hetero_tuple(type_)
+    elif is_mutable_sequence(type_):
+        base = list_structure_factory(type_, conv)
+    else:
+        base = homogenous_tuple_structure_factory(type_, conv)
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            example = f"; write [{json.dumps(value)}]" if isinstance(value, str) and str in args else ""
+            raise TypeError(f"must be a list, got {value!r}{example}")
+        if fixed and len(value) != len(args):
+            raise TypeError(f"must be a list of {len(args)} values, got {value!r}")
+        return base(value, type_)
+
+    return structure
+
+
+def _table_only(type_: Any, conv: cattrs.Converter) -> Any:
+    """cattrs' hook for a config class, refusing anything but a table with a message that says so."""
+    base = conv.gen_structure_attrs_fromdict(type_)
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"must be a table, got {value!r}")
+        return base(value, type_)
+
+    return structure
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     conv.register_structure_hook(int, _strict(int, (int,)))
@@ -267,6 +382,8 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(
         lambda t: getattr(t, "__origin__", None) is Literal, _literal
     )
+    conv.register_structure_hook_factory(_is_list, _list_only)
+    conv.register_structure_hook_factory(attrs.has, _table_only)
     return conv
 
 
@@ -274,11 +391,22 @@ converter = _make_converter()
 """The one converter for run configs and component options: strict types, no unknown keys."""
 
 
-def _messages(exc: BaseException, path: str) -> list[str]:
-    """Flatten a cattrs error tree into 'message @ path' lines."""
+def _unknown_keys(keys: Collection[str], known: Collection[str], path: str) -> list[str]:
+    """One problem per unknown key, naming the closest known key: usually it is a typo."""
+    problems = []
+    for key in sorted(keys):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"unknown key '{key}'{hint} @ {path or '(top level)'}")
+    return problems
+
+
+def _messages(exc: BaseException, path: str, also_known: Collection[str] = ()) -> list[str]:
+    """Flatten a cattrs error tree into 'message @ path' lines. ``also_known`` are keys of the
+    same table that the core took out before structuring (a component section's common keys)."""
     if isinstance(exc, ForbiddenExtraKeysError):
-        keys = ", ".join(repr(k) for k in sorted(exc.extra_fields))
-        return [f"unknown key(s) {keys} @ {path or '(top level)'}"]
+        known = [f.name for f in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        return _unknown_keys(exc.extra_fields, [*known, *also_known], path)
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
         out: list[str] = []
         for sub in exc.exceptions:
@@ -288,12 +416,11 @@ def _messages(exc: BaseException, path: str) -> list[str]:
                 None,
             )
             if isinstance(note, AttributeValidationNote):
-                sub_path = f"{path}.{note.name}" if path else note.name
+                out.extend(_messages(sub, f"{path}.{note.name}" if path else note.name))
             elif isinstance(note, IterableValidationNote):
-                sub_path = f"{path}[{note.index}]"
-            else:
-                sub_path = path
-            out.extend(_messages(sub, sub_path))
+                out.extend(_messages(sub, f"{path}[{note.index}]"))
+            else:  # the table itself: its unknown keys
+                out.extend(_messages(sub, path, also_known))
         return out
     if isinstance(exc, KeyError):
         return [f"required key missing @ {path}"]
@@ -319,13 +446,13 @@ def _validate(obj: Any, path: str) -> list[str]:
     return problems
 
 
-def structure(data: Any, cls: type, path: str = "") -> tuple[Any, list[str]]:
+def structure(data: Any, cls: type, path: str = "", also_known: Collection[str] = ()) -> tuple[Any, list[str]]:
     """Structure ``data`` as ``cls``; return (object or None, every problem with its path)."""
     with attrs.validators.disabled():
         try:
             obj = converter.structure(data, cls)
         except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
-            return None, _messages(exc, path)
+            return None, _messages(exc, path, also_known)
         except (TypeError, ValueError) as exc:
             return None, [f"{exc} @ {path or '(top level)'}"]
     return obj, _validate(obj, path)
@@ -362,7 +489,7 @@ def parse_config(
     """
     registry = manager.registry
     raw = dict(raw)
-    problems = ["unknown key(s) 'source' @ (top level)"] if "source" in raw else []
+    problems = ["unknown key 'source' @ (top level)"] if "source" in raw else []
     raw.pop("source", None)
     entries: list[_Entry] = []
     for kind in registry.kinds:
@@ -421,6 +548,7 @@ def _structure_entry(
             spec, found = _lookup(manager, kind, name, f"{kind.section}.{kind.selector}")
             if spec is not None:
                 options[name], found = structure(entry.rest.get(name, {}), spec.config_cls, f"{kind.section}.{name}")
+                checks.append((spec, options[name], f"{kind.section}.{name}"))
             problems.extend(found)
         return attrs.evolve(config, **{kind.section: attrs.evolve(section, options=options)}), problems
     item = section[entry.index] if kind.shape == "list" else section
@@ -430,7 +558,7 @@ def _structure_entry(
         spec, problems = _lookup(manager, kind, getattr(item, kind.selector), f"{entry.path}.{kind.selector}")
     if spec is None:
         return config, problems
-    options, problems = structure(entry.rest, spec.config_cls, entry.path)
+    options, problems = structure(entry.rest, spec.config_cls, entry.path, kind.common_keys)
     checks.append((spec, options, entry.path))
     item = attrs.evolve(item, options=options)
     if kind.shape == "list":
@@ -549,9 +677,32 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (``teachers.0.model=…`` indexes lists)."""
-    problems = []
+def _child(node: Any, key: str) -> Any:
+    """``node[key]`` of a table, or of a list by its index; None when there is none."""
+    if isinstance(node, dict):
+        return node.get(key)
+    if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        return node[int(key)]
+    return None
+
+
+def _unset(raw: dict[str, Any], dotted: str) -> list[str]:
+    """Remove ``dotted`` (``loss.ratio_log_cap``, ``teachers.1``); a problem if it is not there,
+    since a misspelt key would otherwise leave the value it meant to remove."""
+    *parents, leaf = dotted.strip().split(".")
+    node: Any = raw
+    for part in parents:
+        node = _child(node, part)
+    if _child(node, leaf) is None:
+        return [f"no key {dotted!r} to unset @ --unset"]
+    del node[leaf if isinstance(node, dict) else int(leaf)]
+    return []
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], unset: Sequence[str] = ()) -> dict[str, Any]:
+    """Remove the ``unset`` keys, then apply ``section.key=value`` overrides (``teachers.0.model=…``
+    indexes lists). Unsetting first lets ``--unset loss --set loss.name=…`` replace a whole table."""
+    problems = [problem for dotted in unset for problem in _unset(raw, dotted)]
     for item in overrides:
         dotted, sep, text = item.partition("=")
         if not sep or not dotted.strip():
@@ -584,16 +735,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 
 def load_config(
-    path: str | Path, manager: PluginManager, overrides: Sequence[str] = ()
+    path: str | Path, manager: PluginManager, overrides: Sequence[str] = (), unset: Sequence[str] = ()
 ) -> RunConfig:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"config file not found: {path}"]) from None
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError:
+        raise ConfigError([f"config file {path} is a folder; give the TOML file in it"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
-    return parse_config(apply_overrides(raw, overrides), manager, source=str(path))
+    return parse_config(apply_overrides(raw, overrides, unset), manager, source=str(path))
 
 
 def resolve_path(value: str, config: RunConfig | None) -> str:

@@ -5,18 +5,24 @@ prompt; fallbacks ``privileged_messages``, ``teacher_prompt_messages``, then ``m
 ``expected_answer``, and ``teacher`` (the route value, read by the router). Every field other than
 the messages and the answer is kept as metadata. A bad row is skipped and counted under a reason,
 never a crash deep inside a step.
+
+Lines end at ``\n`` only and are decoded one by one, so a raw U+2028 inside a string, a UTF-8 BOM
+or one undecodable line never shifts the line numbers that skip reports and errors cite.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 import attrs
+import structlog
 
 from distill.errors import DataError
 from distill.types import PromptRow
@@ -33,6 +39,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = structlog.get_logger("distill")
 
 TEACHER_MESSAGES_FALLBACKS = ("teacher_messages", "privileged_messages", "teacher_prompt_messages")
 
@@ -46,10 +53,10 @@ class SkipLine(Exception):
 
 
 def parse_lines(
-    lines: Sequence[str], parse: Callable[[str, int], T]
+    lines: Sequence[AnyStr], parse: Callable[[AnyStr, int], T]
 ) -> tuple[list[T], Counter[str], dict[str, int]]:
-    """``parse(line, line_number)`` of each non-blank line; the lines it rejects with
-    :class:`SkipLine` are counted by reason, with the first line number of each reason."""
+    """``parse(line, line_number)`` of each non-blank line (text or raw bytes); the lines it
+    rejects with :class:`SkipLine` are counted by reason, with the first line number of each."""
     parsed: list[T] = []
     skipped: Counter[str] = Counter()
     first_line: dict[str, int] = {}
@@ -84,7 +91,30 @@ def _check_messages(value: Any, field: str) -> tuple[dict[str, Any], ...]:
             or not isinstance(message.get("content"), str)
         ):
             raise SkipLine(f"malformed_{field}")
+    # The model answers the last message that is not its own: without one, or with it blank, the
+    # prompt is little more than the chat template and the row would be trained on silently.
+    asked = [message for message in value if message["role"] != "assistant"]
+    if not asked:
+        raise SkipLine(f"assistant_only_{field}")
+    if not asked[-1]["content"].strip():
+        raise SkipLine(f"empty_content_{field}")
     return tuple(value)
+
+
+def _text_length(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(len(message["role"]) + len(message["content"]) for message in messages)
+
+
+def _check_answer(answer: Any) -> str:
+    """The answer as the text a grader compares: ``139.0`` reads ``"139"``, never ``"139.0"``."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise SkipLine("wrong_type:expected_answer")
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise SkipLine("non_finite:expected_answer")
+        if answer.is_integer():
+            return str(int(answer))
+    return str(answer)
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[int, ...]:
@@ -96,16 +126,21 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[i
 
 
 def _parse_row(
-    line: str,
+    raw: bytes,
     index: int,
     tokenizer: Any,
     *,
     max_prompt_tokens: int | None,
+    max_prompt_chars: int | None,
     teacher_messages_keys: Sequence[str],
 ) -> PromptRow:
     try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkipLine("not_utf8") from None
+    try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # also an integer past Python's digit limit, deep nesting
         raise SkipLine("invalid_json") from None
     if not isinstance(row, dict):
         raise SkipLine("not_an_object")
@@ -122,14 +157,15 @@ def _parse_row(
 
     answer = row.get("expected_answer")
     if answer is not None:
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise SkipLine("wrong_type:expected_answer")
-        answer = str(answer)
+        answer = _check_answer(answer)
 
+    views = [messages, *teacher_messages.values()]
+    if max_prompt_chars is not None and max(map(_text_length, views)) > max_prompt_chars:
+        raise SkipLine("prompt_too_long")
     try:
         prompt_ids = render_prompt(tokenizer, messages)
         teacher_prompts = {key: render_prompt(tokenizer, view) for key, view in teacher_messages.items()}
-    except Exception:  # a template that raises on this row's content
+    except Exception:  # a template or tokenizer that raises on this row's content (a lone surrogate)
         raise SkipLine("template_error") from None
     longest = max([len(prompt_ids), *(len(ids) for ids in teacher_prompts.values())])
     if max_prompt_tokens is not None and longest > max_prompt_tokens:
@@ -153,7 +189,8 @@ def load_dataset(
     max_prompt_tokens: int | None = None,
     teacher_messages_keys: Sequence[str] = ("teacher_messages",),
 ) -> Dataset:
-    """Read a JSONL file; raise :class:`DataError` if it is missing or has no usable row.
+    """Read a JSONL file; raise :class:`DataError` if it is missing or has no usable row, and warn
+    once when prompts contain the tokenizer's unknown token (the model cannot read that text).
 
     A teacher prompt is rendered for each of ``teacher_messages_keys``: the row's field of that
     name, else the first of ``teacher_messages``, ``privileged_messages``,
@@ -166,20 +203,30 @@ def load_dataset(
             "Add `chat_template` to its tokenizer_config.json."
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
     except FileNotFoundError:
         raise DataError(f"Dataset file not found: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"Dataset file {path} is not UTF-8 text: {exc}") from None
+    # No token covers more characters than the longest vocabulary entry, so a longer text cannot
+    # fit: it is rejected before tokenizing (a 10 MB line takes most of a minute to tokenize).
+    max_prompt_chars = None
+    if max_prompt_tokens is not None:
+        max_prompt_chars = max_prompt_tokens * max(map(len, tokenizer.get_vocab()))
 
     rows, skipped, first_line = parse_lines(
         lines,
         lambda line, number: _parse_row(line, number, tokenizer, max_prompt_tokens=max_prompt_tokens,
+                                        max_prompt_chars=max_prompt_chars,
                                         teacher_messages_keys=teacher_messages_keys),
     )
     if not rows:
         reasons = ", ".join(f"{r}: {n} (first at line {first_line[r]})" for r, n in skipped.items())
         raise DataError(f"No usable row in {path}. Skipped rows by reason: {reasons or 'file is empty'}.")
+    unk = tokenizer.unk_token_id  # None for a byte-level tokenizer: then no id matches
+    unknown = [row.index for row in rows
+               if any(unk in ids for ids in (row.prompt_ids, *row.teacher_prompts.values()))]
+    if unknown:
+        log.warning("prompts contain the tokenizer's unknown token; the model cannot read part of them",
+                    path=str(path), token=tokenizer.unk_token, rows=len(unknown), first_line=unknown[0])
     return Dataset(str(path), tuple(rows), dict(skipped), first_line)
 
 

@@ -13,29 +13,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import attrs
 import structlog
 import torch
 
 from distill.align import build_token_batch
-from distill.config import RunConfig, config_context, converter, display_config, resolve_path
+from distill.config import (
+    RunConfig,
+    config_context,
+    converter,
+    display_config,
+    resolve_path,
+    trajectory_changes,
+)
 from distill.data import DataCursor, Dataset, derive_seed, load_dataset
 from distill.errors import CheckpointError, ConfigError, DistillError
 from distill.evaluate import evaluate, teacher_accuracy
 from distill.manager import PluginManager
-from distill.preflight import load_student_tokenizer, vocabulary_problems
-from distill.protocols import Checkpoint, CheckpointBackend, MetricSink, Sampler
+from distill.preflight import preflight, prompt_token_limit
+from distill.protocols import Checkpoint, CheckpointBackend, Sampler
 from distill.report import Progress, summary
 from distill.scoring import TeacherBook, TeacherPool
+from distill.sinks import MetricSinks
+from distill.status import RunStatus
 from distill.trainer import Trainer
 from distill.types import BuildContext, PromptRow, Rollout, RunInfo, TeacherScores
 
@@ -43,7 +54,7 @@ __all__ = ["run", "Recipe", "RunInterrupted", "Resume", "PhaseClock"]
 
 log = structlog.get_logger("distill")
 
-Resume = Literal["auto", "always", "never"]
+Resume = Literal["auto", "always", "never", "anyway"]  # anyway: always, even with a changed trajectory
 
 
 class RunInterrupted(DistillError):
@@ -52,6 +63,28 @@ class RunInterrupted(DistillError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def _lock_output_dir(config: RunConfig) -> IO[str]:
+    """Hold ``output_dir/.lock`` for as long as the run lasts: two runs into one folder would
+    interleave their metrics and checkpoints. The OS drops the lock when the process ends, however
+    it ends (SIGKILL included), so there is never a stale lock to clean up."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = (output_dir / ".lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"  # empty if it took the lock this very moment
+        lock.close()
+        raise ConfigError([f"{output_dir} is in use by another run (PID {holder}); wait for it to end or "
+                           f"stop it, or choose another output_dir (--set output_dir=...) @ output_dir"],
+                          config.source) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 class PhaseClock:
@@ -164,6 +197,7 @@ class Recipe:
         self.started = time.perf_counter()
         self.clock = PhaseClock()
         self.skipped: Counter[str] = Counter()
+        self.eval_dropped: Counter[str] = Counter()  # eval completions no teacher scored, by reason
         self.step = 0
         self.started_from = 0
         self.tokens = 0
@@ -174,7 +208,8 @@ class Recipe:
         self.trainer: Trainer | None = None
         self.sampler: Sampler | None = None
         self.pool: TeacherPool | None = None
-        self.sinks: list[MetricSink] = []
+        self.sinks = MetricSinks({})
+        self.status: RunStatus | None = None  # written once the run holds its output folder
         self.train_data: Dataset | None = None
         self.eval_data: Dataset | None = None
         self.eval_rows: tuple[PromptRow, ...] = ()
@@ -182,6 +217,7 @@ class Recipe:
         # max_staleness = 1: the next step's rollouts, sampled and scored while this step trained
         # (or, right after a resume, as the checkpoint saved them, still to be scored)
         self.prefetched: _Scored | list[Rollout] | None = None
+        self.lock: IO[str] | None = None
 
     def _build(self, kind: str, name: str, options: Any, path: str) -> Any:
         return self.manager.build(kind, name, options, attrs.evolve(self.context, path=path))
@@ -195,18 +231,34 @@ class Recipe:
                 f"{self.output_dir} already holds checkpoints (latest: step {checkpoint.step}). Resume "
                 f"it, or choose another output_dir (--set output_dir=...) to start afresh."
             )
-        if checkpoint is None and self.resume == "always":
+        if checkpoint is None and self.resume in ("always", "anyway"):
             raise CheckpointError(f"Nothing to resume: no complete checkpoint under {self.output_dir}.")
         return checkpoint
+
+    def _check_trajectory(self, checkpoint: Checkpoint) -> None:
+        """Refuse to continue a checkpoint under a config that changes what it trains (another
+        seed, dataset, model, loss, ...: ``TRAJECTORY_FIELDS``), unless resumed ``anyway``."""
+        changes = trajectory_changes(checkpoint.loop_state["config"], self.config)
+        if not changes:
+            return
+        if self.resume == "anyway":
+            log.warning("resuming a checkpoint under a config that changes its trajectory",
+                        checkpoint=checkpoint.uri, changed={path: {"checkpoint": old, "now": new}
+                                                            for path, (old, new) in changes.items()})
+            return
+        problems = [f"is {json.dumps(new)} in this config but {json.dumps(old)} in the checkpoint @ {path}"
+                    for path, (old, new) in changes.items()]
+        problems.append(
+            f"{self.output_dir} holds checkpoint {checkpoint.uri} of a run with the value(s) above, which "
+            f"change what it trains: rerun with them, choose another output_dir (--set output_dir=...), "
+            f"or pass --resume-anyway to continue it with these @ output_dir"
+        )
+        raise ConfigError(problems, self.config.source)
 
     def _build_components(self, model_path: str) -> None:
         from transformers import AutoModelForCausalLM
 
         config = self.config
-        self.tokenizer = load_student_tokenizer(config)
-        problems = vocabulary_problems(config, self.manager, self.tokenizer)
-        if problems:
-            raise ConfigError(problems, config.source)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.student.dtype))
         model.to(config.student.device)
         self.context = attrs.evolve(self.context, tokenizer=self.tokenizer, student=model)
@@ -229,21 +281,18 @@ class Recipe:
             router=self._build("router", config.router.name, config.router.options, "router"),
             blender=self._build("blender", config.blender.name, config.blender.options, "blender"),
             top_k=self.context.top_k,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
             hidden=self.context.teacher_signal == "hidden",
         )
-        self.sinks = [self._build("metric_sink", name, config.metrics.options[name], f"metrics.{name}")
-                      for name in config.metrics.sinks]
+        self.sinks = MetricSinks({name: self._build("metric_sink", name, config.metrics.options[name],
+                                                    f"metrics.{name}") for name in config.metrics.sinks})
         self.trainer = Trainer(model, config, objective, kernel)
         log.info("components", loss=config.loss.name, kernel=kernel.name, router=config.router.name,
                  teachers=sorted(teachers))
 
     def _load_data(self) -> None:
         config, tokenizer = self.config, self.tokenizer
-        limit = config.data.max_prompt_tokens
-        max_context = getattr(self.trainer.model.config, "max_position_embeddings", None)
-        if max_context:
-            room = max_context - max(config.sampling.max_new_tokens, config.eval.max_new_tokens or 0)
-            limit = room if limit is None else min(limit, room)
+        limit = prompt_token_limit(config, self.trainer.model.config)
         views = sorted({ref.prompt_key for ref in self.context.teachers})
         self.train_data = load_dataset(resolve_path(config.data.train, config), tokenizer,
                                        max_prompt_tokens=limit, teacher_messages_keys=views)
@@ -264,10 +313,15 @@ class Recipe:
         # Pipelined, sampling and training run at once in two threads: each gets half the budget.
         torch.set_num_threads(max(1, threads // 2) if config.train.max_staleness else threads)
         torch.manual_seed(config.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = preflight(config, self.manager)  # before any file is written or model loaded
+        self.lock = _lock_output_dir(config)
+        self.status = RunStatus(self.output_dir, config.train.steps)
+        self.status.write("pending")
         self.checkpoints = self._build("checkpoint_backend", config.checkpoint.backend,
                                        config.checkpoint.options, "checkpoint")
         checkpoint = self._latest_checkpoint()
+        if checkpoint is not None:
+            self._check_trajectory(checkpoint)
         self._build_components(checkpoint.model_dir if checkpoint else resolve_path(config.student.model, config))
         (self.output_dir / "config.json").write_text(json.dumps(display_config(config), indent=1), encoding="utf-8")
         self._load_data()
@@ -276,8 +330,7 @@ class Recipe:
             self.load_state_dict(checkpoint.loop_state)
             log.info("resumed", step=checkpoint.step, checkpoint=checkpoint.uri)
         self.started_from = self.step
-        for sink in self.sinks:
-            sink.resume_at(self.step)
+        self.sinks.resume_at(self.step)
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's resumable state; each stateful component contributes its own."""
@@ -285,7 +338,9 @@ class Recipe:
         return {"step": self.step, "tokens": self.tokens, "eval": self.evaluation, "wall_time_s": self.wall_time(),
                 "cursor": self.cursor.state_dict(), "skipped": dict(self.skipped),
                 "times": self.clock.state_dict(), "teachers": self.pool.state_dict(),
-                "prefetched": None if prefetched is None else _rollouts_state(prefetched)}
+                "sampler": self.sampler.state_dict(), "eval_dropped": dict(self.eval_dropped),
+                "prefetched": None if prefetched is None else _rollouts_state(prefetched),
+                "sinks": self.sinks.state_dict(), "config": display_config(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.evaluation = state["step"], state["tokens"], state["eval"]
@@ -293,7 +348,10 @@ class Recipe:
         self.cursor.load_state_dict(state["cursor"])
         self.skipped = Counter(state["skipped"])
         self.clock.load_state_dict(state["times"])
-        self.pool.load_state_dict(state.get("teachers", {}))
+        self.pool.load_state_dict(state["teachers"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.eval_dropped = Counter(state["eval_dropped"])
+        self.sinks.load_state_dict(state.get("sinks", {}))  # absent in checkpoints of older versions
         if state.get("prefetched") is not None:  # sampled by the weights before, so kept, not redrawn
             self.prefetched = _rollouts_from_state(state["prefetched"], self.train_data.rows)
 
@@ -305,7 +363,7 @@ class Recipe:
         return value if isinstance(value, str) else None
 
     async def _score_for_eval(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
-        kept, targets, _ = await self.pool.score(rollouts, hidden=False)
+        kept, targets, _ = await self.pool.score(rollouts, self.eval_dropped, hidden=False)
         return kept, targets
 
     async def evaluate(self, step: int) -> dict[str, Any]:
@@ -314,6 +372,7 @@ class Recipe:
                                     self.tokenizer, self.config, self.route_of)
         log.info("eval", step=step, accuracy=result["accuracy"], reverse_kl=result["reverse_kl"],
                  per_route=result.get("per_route"))
+        self.sinks.write_eval(step, result)
         self.evaluation.setdefault("history", []).append({"step": step, **result})
         return result
 
@@ -392,8 +451,7 @@ class Recipe:
         }
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:
-        for sink in self.sinks:
-            sink.write(step, metrics)
+        self.sinks.write(step, metrics)
         self.manager.on_step_end(run=self.info, step=step, metrics=metrics)
 
     def save_checkpoint(self) -> None:
@@ -413,6 +471,7 @@ class Recipe:
         """The loop, from the step after the last checkpoint to the end; returns the summary."""
         config = self.config
         every_eval, every_save = config.eval.every_steps, config.checkpoint.every_steps
+        self.status.write("running", step=self.started_from, tokens=self.tokens)
         with _StopFlag() as stop:
             with self.clock.phase("weight_sync"):
                 await self.sampler.sync_weights(self.started_from)  # a remote server may hold others
@@ -425,37 +484,55 @@ class Recipe:
                     if metrics is not None:
                         self.record(step, metrics)
                     progress.advance(step, metrics)
+                    self.status.advance(step, self.tokens)
                     if self.eval_rows and every_eval and step % every_eval == 0 and step < config.train.steps:
                         await self.evaluate(step)
                     if stop.requested or step == config.train.steps or (every_save and step % every_save == 0):
                         self.save_checkpoint()
                     stop.raise_if_requested(f"after step {step}; the checkpoint is saved")
-            for sink in self.sinks:
-                sink.close()
-            self.sinks = []
+            if not self.tokens:  # a final model would be the untrained student
+                reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
+                raise DistillError(f"Every step was skipped: no row could be scored ({reasons or 'no reason recorded'}). "
+                                   f"Fix what the reasons name and run again with a fresh output_dir.")
             if self.eval_rows:
                 self.evaluation["after"] = await self.evaluate(config.train.steps)
             stop.raise_if_requested("during the final evaluation; training is complete and saved")
         final_uri = self.checkpoints.save_final(model=self.trainer.model, tokenizer=self.tokenizer)
         result = summary(self, final_uri)
         (self.output_dir / "summary.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+        self.sinks.write_summary(result)
+        self.sinks.close()
+        self.status.write("completed")
         log.info("done", summary=str(self.output_dir / "summary.json"), final_model=final_uri)
         return result
 
     async def cleanup(self) -> None:
         """Close what holds files, connections or threads, once each, however the run ended."""
-        for sink in self.sinks:
-            sink.close()
+        self.sinks.close()
         components = {id(c): c for c in (*(self.pool.teachers.values() if self.pool else ()), self.sampler)
                       if c is not None}
         for component in components.values():
             await component.aclose()
+        if self.lock is not None:
+            self.lock.close()  # releases the output folder
 
 
 async def _run(recipe: Recipe) -> dict[str, Any]:
     try:
         recipe.setup()
         return await recipe.train()
+    except RunInterrupted as stopped:
+        if recipe.status is not None:
+            recipe.status.write("stopped", signal=signal.Signals(stopped.signum).name)
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if recipe.status is not None:
+            recipe.status.write("stopped", signal="SIGINT")
+        raise
+    except Exception as exc:
+        if recipe.status is not None:
+            recipe.status.write("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         await recipe.cleanup()
 

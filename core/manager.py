@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import types
 import warnings
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -56,6 +58,13 @@ def _renamed(name: str) -> str:
         warnings.warn(f"plugin '{name}' is now called '{RENAMED_PLUGINS[name]}'; disable it by its new name",
                       FutureWarning, stacklevel=3)
     return RENAMED_PLUGINS.get(name, name)
+
+
+def _origin(plugin: object) -> str:
+    """The module a plugin's hooks live in (with the class, for an instance)."""
+    if isinstance(plugin, types.ModuleType):
+        return f"module {plugin.__name__}"
+    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
 
 
 def disabled_from_env(environ: Mapping[str, str] = os.environ) -> set[str]:
@@ -114,13 +123,27 @@ class PluginManager:
             raise PluginLoadError(f"{info.provenance} could not be registered: {exc}") from exc
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(f"{info.provenance} has an invalid hook: {exc}") from exc
-        try:
-            self._pm.check_pending()  # a misspelt hook name would otherwise be silently ignored
-        except pluggy.PluginValidationError as exc:
+        callers = self._pm.get_hookcallers(plugin) or []
+        unknown = sorted(caller.name for caller in callers if not caller.has_spec())
+        if unknown:  # a misspelt hook name would otherwise be silently ignored
             self._pm.unregister(name=info.name)
-            raise PluginLoadError(f"{info.provenance} implements an unknown hook: {exc}") from exc
+            raise PluginLoadError(f"{info.provenance}: {_origin(plugin)} implements "
+                                  f"{', '.join(self._unknown_hook(name) for name in unknown)}.")
+        if not callers:  # a forgotten @hookimpl: the plugin would silently provide nothing
+            unmarked = sorted(name for name in dir(plugin) if name.startswith(f"{PROJECT_NAME}_"))
+            hint = f" (no @hookimpl on {', '.join(unmarked)})" if unmarked else ""
+            warnings.warn(f"{info.provenance}: {_origin(plugin)} implements no distill hook{hint}, so it "
+                          f"provides nothing. Mark its hook functions with @distill.hookimpl.", stacklevel=3)
         self._info[info.name] = info
         self._components = None
+
+    def _unknown_hook(self, name: str) -> str:
+        """The unknown hook ``name`` with the hookspec it is closest to, else every hookspec."""
+        prefix = f"{PROJECT_NAME}_"  # compared without it, or every name would look alike
+        known = sorted(hook for hook, caller in vars(self._pm.hook).items() if caller.has_spec())
+        close = difflib.get_close_matches(name.removeprefix(prefix), [k.removeprefix(prefix) for k in known], n=1)
+        return f"unknown hook '{name}' " + (f"(did you mean '{prefix}{close[0]}'?)" if close
+                                             else f"(hooks: {', '.join(known)})")
 
     def unregister(self, name: str) -> None:
         self._pm.unregister(name=name)

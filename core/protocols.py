@@ -2,9 +2,9 @@
 
 Hooks describe components (``distill.types``); factories build objects satisfying these protocols;
 the loop only talks to these. Network and model I/O are ``async`` so remote backends can overlap.
-Optional capabilities are defaults here (a no-op ``aclose``, empty ``counters``,
-``supports_complete = False``): subclass the protocol to get them, and the loop calls them without
-probing. A factory's object is checked when it is built (:func:`missing_members`).
+Optional capabilities are defaults here (a no-op ``aclose``, empty ``counters`` and
+``state_dict``, ``supports_complete = False``): subclass the protocol to get them, and the loop
+calls them without probing. A factory's object is checked when it is built (:func:`missing_members`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = [
 
 
 class Component(Protocol):
-    """Defaults every built component shares: nothing to close, nothing to count."""
+    """Defaults every built component shares: nothing to close, nothing to count, nothing to resume."""
 
     async def aclose(self) -> None:
         """Release connections and threads; awaited once when the run ends, however it ended."""
@@ -53,6 +53,14 @@ class Component(Protocol):
     def counters(self) -> dict[str, Any]:
         """Counters reported in ``summary.json`` (failed attempts, retries, ...)."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state saved in every checkpoint, so counters cover the whole run, not the
+        attempt since the last resume."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned, when the run resumes from a checkpoint."""
 
 
 def missing_members(obj: object, protocol: type) -> list[str]:
@@ -223,11 +231,24 @@ class CheckpointBackend(Protocol):
 
 @runtime_checkable
 class MetricSink(Protocol):
-    """Receives one flat mapping of metrics per step."""
+    """Receives one flat mapping of metrics per step; held-out results and the summary too, for
+    sinks that record them (the defaults ignore them).
+
+    A call that raises is counted in the summary and logged once; the run goes on.
+    """
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
 
     def resume_at(self, step: int) -> None:
         """Forget anything recorded after ``step`` (the run resumes from there)."""
+
+    def write_eval(self, step: int, result: Mapping[str, Any]) -> None:
+        """Held-out results at ``step`` (0: before training): ``accuracy`` and ``reverse_kl``
+        (None when nothing could be graded or scored) and, when rows have routes, ``per_route``
+        (route value -> ``accuracy``, ``reverse_kl``, ``rows``)."""
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """The run's summary (as in ``summary.json``), once, when training and the final
+        evaluation are done."""
 
     def close(self) -> None: ...

@@ -101,6 +101,7 @@ def summary(recipe: Recipe, final_uri: str) -> dict[str, Any]:
         "rows_skipped": dict(Counter(recipe.train_data.skipped) + recipe.skipped),
         "eval_rows": len(recipe.eval_rows),
         "eval_rows_skipped": dict(recipe.eval_data.skipped) if recipe.eval_data else {},
+        "eval_dropped": dict(recipe.eval_dropped),
         "teacher_accuracy": evaluation.get("teacher_accuracy"),
         "student_accuracy_before": before.get("accuracy"),
         "student_accuracy_after": after.get("accuracy"),
@@ -111,6 +112,7 @@ def summary(recipe: Recipe, final_uri: str) -> dict[str, Any]:
             for name, book in sorted(recipe.pool.totals.items())
         },
         "sampler": recipe.sampler.counters(),
+        "metric_sinks": recipe.sinks.report(),
         "per_route": per_route(recipe),
         "eval_history": evaluation.get("history", []),
         "loss": config.loss.name,

@@ -3,7 +3,7 @@
     from distill.testing import check_sampler, check_teacher
 
     def test_my_teacher_keeps_the_contract():
-        asyncio.run(check_teacher(MyTeacher(...), top_k=4))
+        asyncio.run(check_teacher(MyTeacher(...), vocab_size=16))
 
 Each check drives the component the way the training loop does and raises ``AssertionError``
 naming the broken rule, so a backend that would misalign a run fails in its own test suite first.
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from distill.scoring import scores_problem
 from distill.types import PromptRow, Rollout, SamplingParams, ScoreFailure, ScoreRequest, TeacherScores
 
 __all__ = ["check_sampler", "check_teacher", "check_same_scores", "default_requests", "default_rows"]
@@ -47,43 +48,44 @@ def _check_logprobs(values: Any, length: int, what: str, where: str) -> None:
         _fail(f"{what} must be finite log-probabilities (≤ 0)", where)
 
 
-async def check_teacher(teacher: Any, *, top_k: int = 0, requests: Sequence[ScoreRequest] | None = None) -> None:
-    """``score`` answers every request in order: the logprob of each completion token and, with
-    ``top_k``, K distinct candidates sorted by logprob, at least as likely as the scored token is when
-    it is among them; or a :class:`ScoreFailure` with a reason. Scoring is deterministic."""
+def _check_candidates(request: ScoreRequest, result: TeacherScores, where: str) -> None:
+    ids, logprobs = result.topk_ids_C_K, result.topk_logprobs_C_K
+    if bool((logprobs[:, 1:] > logprobs[:, :-1] + 1e-6).any()):
+        _fail("top-K candidates must be sorted by logprob, most likely first", where)
+    for c, token in enumerate(request.completion_ids):
+        hit = (ids[c] == token).nonzero()
+        if hit.numel() and not math.isclose(float(logprobs[c, hit[0, 0]]), float(result.logprobs_C[c]), abs_tol=1e-4):
+            _fail("a scored token among the top-K must carry the same logprob in both", f"{where}, position {c}")
+
+
+async def check_teacher(
+    teacher: Any, *, top_k: int = 4, requests: Sequence[ScoreRequest] | None = None, vocab_size: int | None = None
+) -> None:
+    """``score`` answers every request in order with a :class:`ScoreFailure` carrying a reason, or
+    with scores the training run accepts (the rules :func:`distill.scoring.scores_problem` checks at
+    run time: CPU tensors of the right dtype and shape, finite logprobs ≤ 0 and, with ``top_k``, K
+    distinct ids below ``vocab_size`` whose probabilities sum to at most 1); besides, top-K
+    candidates are sorted by logprob and a scored token among them carries the same logprob in both.
+    Scoring is deterministic. ``top_k`` defaults to 4, as a top-K loss asks; pass 0 for a teacher
+    that only scores the sampled tokens."""
     requests = list(requests or default_requests())
     results = await teacher.score(requests, top_k=top_k)
     if len(results) != len(requests):
         _fail(f"score returned {len(results)} results for {len(requests)} requests", "score")
-    for i, (request, result) in enumerate(zip(requests, results, strict=True)):
-        where = f"request {i}"
-        if isinstance(result, ScoreFailure):
-            if not isinstance(result.reason, str) or not result.reason:
-                _fail("a ScoreFailure needs a non-empty reason (it is counted by it)", where)
-            continue
-        if not isinstance(result, TeacherScores):
-            _fail(f"results must be TeacherScores or ScoreFailure, got {type(result).__name__}", where)
-        length = len(request.completion_ids)
-        _check_logprobs(result.logprobs_C, length, "logprobs_C", where)
-        if not top_k:
-            continue
-        ids, logprobs = result.topk_ids_C_K, result.topk_logprobs_C_K
-        if ids is None or logprobs is None or ids.shape != (length, top_k) or logprobs.shape != (length, top_k):
-            _fail(f"with top_k={top_k}, topk_ids_C_K and topk_logprobs_C_K must be [{length}, {top_k}]", where)
-        if ids.dtype != torch.long:
-            _fail("topk_ids_C_K must be torch.long", where)
-        if not bool(torch.isfinite(logprobs).all()) or bool((logprobs > 1e-6).any()):
-            _fail("topk_logprobs_C_K must be finite log-probabilities (≤ 0)", where)
-        if bool((logprobs[:, 1:] > logprobs[:, :-1] + 1e-6).any()):
-            _fail("top-K candidates must be sorted by logprob, most likely first", where)
-        if any(len(set(row)) != top_k for row in ids.tolist()):
-            _fail("top-K candidate ids must be distinct within a position", where)
-        if bool(logprobs.exp().sum(1).gt(1 + 1e-4).any()):
-            _fail("top-K probabilities must not sum above 1", where)
-        for c, token in enumerate(request.completion_ids):
-            hit = (ids[c] == token).nonzero()
-            if hit.numel() and not math.isclose(float(logprobs[c, hit[0, 0]]), float(result.logprobs_C[c]), abs_tol=1e-4):
-                _fail("a scored token among the top-K must carry the same logprob in both", f"{where}, position {c}")
+    scored = []
+    for i, result in enumerate(results):
+        if not isinstance(result, ScoreFailure):
+            scored.append(i)
+        elif not isinstance(result.reason, str) or not result.reason:
+            _fail("a ScoreFailure needs a non-empty reason (it is counted by it)", f"request {i}")
+    found = scores_problem([results[i] for i in scored], [len(requests[i].completion_ids) for i in scored],
+                           top_k=top_k, vocab_size=vocab_size)
+    if found is not None:
+        index, position, rule = found
+        _fail(rule, f"request {scored[index]}" + ("" if position is None else f", position {position}"))
+    for i in scored:
+        if top_k:
+            _check_candidates(requests[i], results[i], f"request {i}")
     again = await teacher.score(requests, top_k=top_k)
     for i, (first, second) in enumerate(zip(results, again, strict=True)):
         if isinstance(first, TeacherScores) and isinstance(second, TeacherScores) and not torch.allclose(

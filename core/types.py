@@ -163,9 +163,10 @@ class BuildContext:
 
     ``teachers`` are the resolved teacher entries, ``top_k`` the teacher candidates the loss needs,
     ``teacher_signal`` the signal it trains on, ``path`` where the component being built or checked
-    sits in the config. ``student`` is the live student module owned by the trainer (a local sampler
-    shares it, so weight sync is free); ``tokenizer`` renders prompts for everyone, so all
-    components work on ids. Config-time checks see no tokenizer and no student.
+    sits in the config (a teacher's factory and check find their own entry as :attr:`teacher`).
+    ``student`` is the live student module owned by the trainer (a local sampler shares it, so
+    weight sync is free); ``tokenizer`` renders prompts for everyone, so all components work on ids.
+    Config-time checks see no tokenizer and no student.
     """
 
     run_config: Any
@@ -178,6 +179,11 @@ class BuildContext:
     path: str = ""
     tokenizer: Any = None
     student: Any = None
+
+    @property
+    def teacher(self) -> TeacherRef | None:
+        """The ``[[teachers]]`` entry being built or checked (the one at ``path``), else None."""
+        return next((ref for ref in self.teachers if ref.path == self.path), None)
 
 
 @attrs.frozen(kw_only=True)
@@ -234,7 +240,11 @@ class Rollout:
 
 @attrs.frozen(kw_only=True, eq=False)
 class ScoreRequest:
-    """Score ``completion_ids`` as a continuation of ``prompt_ids`` (the teacher's own prompt)."""
+    """Score ``completion_ids`` as a continuation of ``prompt_ids`` (the teacher's own prompt).
+
+    Both are tuples of Python ints, vocabulary ids of the student's (and so the teacher's)
+    tokenizer; ``prompt_ids`` has at least one id, ``completion_ids`` at least one.
+    """
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
@@ -244,7 +254,12 @@ class ScoreRequest:
 class TeacherScores:
     """A teacher's view of one completion: logprob of each sampled token, optionally its top-K, and
     for full-vocabulary losses its final hidden states at the completion positions with its output
-    head (``hidden_C_G``, ``head_V_G``: the [V, G] weight itself, shared, never copied)."""
+    head (``hidden_C_G``, ``head_V_G``: the [V, G] weight itself, shared, never copied).
+
+    ``logprobs_C`` and ``topk_logprobs_C_K`` are floating point CPU tensors (float32 is what the
+    batch holds), ``topk_ids_C_K`` a ``torch.long`` CPU tensor; ``hidden_C_G`` and ``head_V_G`` stay
+    on the teacher's device, in its dtype. The pool checks every result before it is used.
+    """
 
     logprobs_C: torch.Tensor
     topk_ids_C_K: torch.Tensor | None = None

@@ -86,13 +86,14 @@ def _with_dialect(options: Options, backend: str, path: str) -> tuple[Options, l
 
 def _check_teacher(backend: str) -> Callable[[RemoteTeacherOptions, BuildContext], list[str]]:
     def check(options: RemoteTeacherOptions, context: BuildContext) -> list[str]:
-        """A top-K larger than the dialect returns is a config error naming the cap."""
+        """A top-K larger than the dialect returns is a config error naming the cap and the teacher."""
         options, problems = _with_dialect(options, backend, context.path)
         cap = FIREWORKS_TOP_LOGPROBS_CAP if options.dialect == "fireworks" else options.max_logprobs
         if context.top_k > cap:
             where = "the Fireworks API's cap of 5 top_logprobs" if options.dialect == "fireworks" else (
                 f"the server's --max-logprobs ({cap}; set {context.path}.max_logprobs if it allows more)")
-            problems.append(f"top_k {context.top_k} exceeds {where} for teacher {context.path} @ loss.top_k")
+            problems.append(f"top_k {context.top_k} exceeds {where} for teacher '{context.teacher.name}' "
+                            f"({context.path}) @ loss.top_k")
         return problems
 
     return check

@@ -230,6 +230,16 @@ class JsonClient:
             f"{path} failed {self.policy.max_attempts} times; last: {last}", reason=last, retryable=True
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Failed attempts and the window, kept in checkpoints so they cover the whole run."""
+        return {"failed_attempts": dict(self.failed_attempts), "window": self.window.limit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run starts at the window it had learned (a fixed window keeps its config)."""
+        self.failed_attempts = Counter(state["failed_attempts"])
+        if self.window.adaptive:
+            self.window.limit = min(float(state["window"]), float(self.window.maximum))
+
     async def aclose(self) -> None:
         await self._http.aclose()
 

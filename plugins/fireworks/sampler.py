@@ -209,8 +209,14 @@ class RemoteSampler(Sampler):
         await self.client.aclose()
 
     def counters(self) -> dict[str, Any]:
-        return {"failed_attempts": dict(self.client.failed_attempts), "window": self.client.window.limit,
-                "syncs": self.syncs, "sync_s": round(self.sync_s, 3), "sync_max_gap": self.sync_gap}
+        return {**self.state_dict(), "sync_s": round(self.sync_s, 3)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.client.state_dict(), "syncs": self.syncs, "sync_s": self.sync_s, "sync_max_gap": self.sync_gap}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.client.load_state_dict(state)
+        self.syncs, self.sync_s, self.sync_gap = state["syncs"], state["sync_s"], state["sync_max_gap"]
 
     async def _post(self, path: str, body: dict[str, Any] | None, parse: Any = None) -> Any:
         try:

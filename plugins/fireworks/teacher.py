@@ -134,8 +134,14 @@ class RemoteTeacher(TeacherScorer):
         await self.client.aclose()
 
     def counters(self) -> dict[str, Any]:
-        return {"failed_attempts": dict(self.client.failed_attempts), "dropped": dict(self.dropped),
-                "window": self.client.window.limit}
+        return self.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.client.state_dict(), "dropped": dict(self.dropped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.client.load_state_dict(state)
+        self.dropped = dict(state["dropped"])
 
     async def _guarded(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores | ScoreFailure]:
         try:

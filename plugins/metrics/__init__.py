@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import structlog
 
 from distill import BuildContext, MetricSink, MetricSinkSpec, hookimpl
 
 __all__ = ["JsonlOptions", "JsonlSink"]
+
+log = structlog.get_logger("distill")
 
 
 @attrs.frozen(kw_only=True)
@@ -41,13 +44,24 @@ class JsonlSink(MetricSink):
         return cls(Path(options.path) if options.path else context.output_dir / "metrics.jsonl")
 
     def resume_at(self, step: int) -> None:
-        """Drop lines of steps after ``step``: they are about to be redone."""
+        """Drop lines of steps after ``step``: they are about to be redone. Lines cut short (a
+        write interrupted by a crash or power loss) are dropped too, with a warning."""
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
+            kept, torn = [], []
+            text = self.path.read_text(encoding="utf-8", errors="replace")  # a torn line may be any bytes
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    torn.append(number)
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+            if torn:
+                log.warning("dropped incomplete lines from the metrics file, keeping the complete ones",
+                            path=str(self.path), lines=torn)
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
             os.replace(tmp, self.path)

@@ -70,15 +70,45 @@ def test_hook_returning_the_wrong_type_names_the_plugin():
         manager.components("loss")
 
 
-def test_unknown_hook_name_is_rejected_at_registration():
-    class Typo:
-        @hookimpl
-        def distill_lossess(self):
-            return []
+class Typo:
+    @hookimpl
+    def distill_lossess(self):
+        return []
 
+    @hookimpl
+    def distill_frobnicate(self):
+        return []
+
+
+def test_unknown_hook_name_is_rejected_at_registration_with_the_close_match():
     manager = PluginManager(load_entry_points=False)
-    with pytest.raises(PluginLoadError, match="plugin 'typo'"):
+    with pytest.raises(PluginLoadError) as err:
         manager.register(Typo(), name="typo")
+    assert str(err.value) == (
+        f"plugin 'typo' (registered in-process): {__name__}.Typo implements unknown hook 'distill_frobnicate' "
+        "(hooks: distill_blenders, distill_checkpoint_backends, distill_losses, distill_metric_sinks, "
+        "distill_on_checkpoint_saved, distill_on_step_end, distill_routers, distill_samplers, "
+        "distill_select_loss_kernel, distill_teachers), unknown hook 'distill_lossess' (did you mean 'distill_losses'?)."
+    )
+    assert "typo" not in {info.name for info in manager.plugins()}
+
+
+def test_a_plugin_module_without_hook_implementations_is_registered_with_a_warning_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "distill_forgetful.py").write_text(
+        "from distill import LossSpec\n\n"
+        "def distill_losses():  # @hookimpl forgotten\n"
+        "    return [LossSpec(name='forgotten', summary='x', teacher_signal='logprobs', factory=None)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forgetful = importlib.import_module("distill_forgetful")
+    manager = PluginManager(load_entry_points=False)
+    with pytest.warns(UserWarning) as caught:
+        manager.register(forgetful, name="forgetful")
+    assert [str(w.message) for w in caught] == [(
+        "plugin 'forgetful' (registered in-process): module distill_forgetful implements no distill hook "
+        "(no @hookimpl on distill_losses), so it provides nothing. Mark its hook functions with @distill.hookimpl."
+    )]
+    assert caught[0].filename == __file__  # points at the register call
+    sys.modules.pop("distill_forgetful")
 
 
 @pytest.fixture

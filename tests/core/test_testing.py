@@ -57,6 +57,12 @@ class _Broken:
                 top = top.flip(1)
             elif self.fault == "duplicate_ids":
                 ids[:, 1] = ids[:, 0]
+            elif self.fault == "float_ids":
+                ids = ids.float()
+            elif self.fault == "out_of_vocabulary":
+                ids[:, 0] = 16
+            elif self.fault == "logprobs_only":
+                top_k = 0
             elif self.fault == "silent_failure":
                 results.append(ScoreFailure(reason=""))
                 continue
@@ -72,10 +78,18 @@ class _Broken:
     ("duplicate_ids", "distinct"),
     ("silent_failure", "non-empty reason"),
     ("drops_a_request", "2 results for 3 requests"),
+    ("float_ids", r"topk_ids_C_K must be torch.long vocabulary ids, got torch.float32 \(request 0\)"),
+    ("out_of_vocabulary", r"topk_ids_C_K must be vocabulary ids in \[0, 16\) \(request 0, position 0\)"),
 ])
 def test_a_broken_teacher_is_named_with_the_rule_it_breaks(fault, rule):
     with pytest.raises(AssertionError, match=rule):
-        asyncio.run(check_teacher(_Broken(fault), top_k=3, requests=default_requests()))
+        asyncio.run(check_teacher(_Broken(fault), top_k=3, requests=default_requests(), vocab_size=16))
+
+
+def test_check_teacher_asks_for_top_k_by_default():
+    with pytest.raises(AssertionError, match=r"^topk_ids_C_K must be a torch.Tensor, got NoneType \(request 0\)$"):
+        asyncio.run(check_teacher(_Broken("logprobs_only")))
+    asyncio.run(check_teacher(_Broken("logprobs_only"), top_k=0))  # a logprobs-only teacher says so
 
 
 def test_a_sampler_that_ignores_its_seed_is_caught(tiny_models):

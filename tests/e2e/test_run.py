@@ -234,3 +234,71 @@ def test_third_party_plugin_package_is_discovered_and_used(tmp_path, tiny_models
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["teacher_logprob"] == pytest.approx(-math.log(vocab))
+
+
+def _distill_run(*args):
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True)
+
+
+def _sets(*overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_validate_and_run_refuse_mistakes_of_files_and_machine_before_anything_runs(tmp_path, tiny_models):
+    config = _write_config(tmp_path, tiny_models)
+    missing = tmp_path / "missing"
+
+    found = _distill_run("validate", str(config), *_sets(
+        f"output_dir='{config}'", "student.device='gpu'", "sampling.max_new_tokens=200",
+        f"teachers.0.model='{missing}'"))
+    assert found.returncode == 2
+    assert found.stderr.splitlines()[1:] == [
+        f"  - '{config}' is a file, not a folder: move it or choose another folder @ output_dir",
+        "  - unknown device 'gpu'; use 'cpu', 'cuda', 'cuda:N' or 'mps' @ student.device",
+        "  - must be below the student's context of 128 tokens (max_position_embeddings), which also holds the "
+        "prompt; got 200 @ sampling.max_new_tokens",
+        f"  - no folder '{missing}': give the folder of a Hugging Face model or a hub id @ teachers[0]",
+    ]
+
+    found = _distill_run("validate", str(config), *_sets(
+        f"output_dir='{config}/out'", f"data.train='{tmp_path}'", "data.eval='nowhere.jsonl'"))
+    assert found.returncode == 2
+    assert found.stderr.splitlines()[1:3] == [
+        f"  - '{config}/out' cannot be created: '{config}' is a file; choose another folder @ output_dir",
+        f"  - '{tmp_path}' is a folder; give a JSONL file @ data.train",
+    ]
+    assert "nowhere.jsonl" in found.stderr.splitlines()[3] and found.stderr.endswith(" @ data.eval\n")
+
+    if os.geteuid() == 0:  # root writes anywhere but on a read-only file system
+        blocked = Path("/sys")
+    else:
+        blocked = tmp_path / "read_only"
+        blocked.mkdir(mode=0o500)
+    found = _distill_run("validate", str(config), *_sets(f"output_dir='{blocked}/out'", "router.name='routed'"))
+    assert found.returncode == 2
+    assert found.stderr.splitlines()[1:] == [
+        f"  - '{blocked}/out' cannot be written (Permission denied: '{blocked}'); choose a folder you can write "
+        "to @ output_dir",
+        f"  - router 'routed' sends no row of 'train.jsonl' to a teacher (skipped: unknown_route:<missing>: 80); "
+        f"give the rows a `teacher` field holding one of '{tiny_models['teacher']}' @ data.train",
+    ]
+
+    student_tokenizer = f"student.tokenizer='{tiny_models['tokenizer']}'"  # so only the model is missing
+    refused = _distill_run("run", str(config), "--no-progress", *_sets(student_tokenizer, f"student.model='{missing}'"))
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"  - no folder '{missing}': give the folder of a Hugging Face model or a hub id @ student.model")
+    assert not (tmp_path / "out").exists()  # nothing was written, no model loaded
+
+
+def test_a_run_whose_every_step_is_skipped_fails_with_the_reasons(tmp_path, tiny_models):
+    config = _write_config(tmp_path, tiny_models, steps=1)
+    write_jsonl(tmp_path / "train.jsonl", [ROWS[0], {**ROWS[1], "teacher": "math"}])  # only line 2 routes
+    proc = _distill_run("run", str(config), "--no-progress", *_sets(
+        "router.name='routed'", "teachers.0.route_value='math'", "data.shuffle=false", "data.eval=''",
+        "train.prompt_groups_per_step=1"))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == (
+        "distill-run: error: Every step was skipped: no row could be scored (unknown_route:<missing>: 1). "
+        "Fix what the reasons name and run again with a fresh output_dir.")
+    assert not (tmp_path / "out" / "final").exists()

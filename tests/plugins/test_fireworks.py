@@ -13,14 +13,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill import hookimpl
 from distill.config import load_config, parse_config
 from distill.errors import ConfigError, DistillError
+from distill.loop import run
 from distill.plugins.fireworks import RemoteTeacherOptions
 from distill.plugins.fireworks.client import Invalid
 from distill.plugins.fireworks.teacher import RemoteTeacher, parse_fireworks_echo, parse_vllm_prompt_logprobs
 from distill.plugins.hf.teacher import HFTeacher
 from distill.testing import check_same_scores
 from distill.types import BuildContext, ScoreFailure, ScoreRequest
+
+from ..conftest import write_jsonl
 
 REQUESTS = [ScoreRequest(prompt_ids=(2, 30, 31, 5, 3), completion_ids=(20, 21, 22, 1)),
             ScoreRequest(prompt_ids=(2, 33, 5, 3), completion_ids=(40, 1)),
@@ -156,7 +160,7 @@ def test_top_k_above_the_dialect_cap_is_a_config_error(manager):
            "teachers": [{"backend": "fireworks", "base_url": "http://x", "model": "m"}]}
     with pytest.raises(ConfigError) as err:
         parse_config(raw, manager)
-    assert err.value.problems == ["top_k 8 exceeds the Fireworks API's cap of 5 top_logprobs for teacher teachers[0] @ loss.top_k"]
+    assert err.value.problems == ["top_k 8 exceeds the Fireworks API's cap of 5 top_logprobs for teacher 'm' (teachers[0]) @ loss.top_k"]
 
 
 @pytest.mark.slow
@@ -172,7 +176,6 @@ def test_a_run_with_the_teacher_over_http_matches_the_local_run_and_never_leaks_
                            "--set", f"output_dir='{tmp_path / 'remote'}'", "--set", "data.eval=''", "--set", remote_teacher],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    from distill.loop import run
 
     run(local, manager, progress=False)
     local_lines = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
@@ -257,6 +260,67 @@ def test_adaptive_window_takes_a_queueing_servers_throughput_short_of_timeouts(c
     for _ in range(3000):
         patient.success(0.5)
     assert patient.limit == 64
+
+
+class _KilledAfterCheckpoint:
+    """Stops the run right after the checkpoint of ``step`` is saved, as a SIGKILL there would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def distill_on_checkpoint_saved(self, step):
+        if step == self.step:
+            raise RuntimeError("killed")
+
+
+def _teacher_failures(counts):
+    return sum(n for reason, n in counts.items() if reason.startswith("teacher_failed:"))
+
+
+@pytest.mark.slow
+def test_remote_counters_cover_the_whole_run_across_a_resume(tiny_models, tmp_path, manager):
+    """Every fault both servers injected, over a run killed after its step-2 checkpoint and resumed, is
+    in the final summary; teacher requests that failed for good are in ``rows_skipped`` (training)
+    or ``eval_dropped`` (evaluation), never lost."""
+    teacher_proc, teacher_base = _serve(tiny_models["teacher"], "--faults", "429=0.1,500=0.1,reset=0.05,truncate=0.1,corrupt=0.05",
+                                        "--fault-seed", "11")
+    student_proc, student_base = _serve(tiny_models["student"], "--faults", "429=0.05,500=0.05,reset=0.02,truncate=0.05",
+                                        "--fault-seed", "12")
+    try:
+        rows = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}], "expected_answer": str(2 * a)} for a in range(10)]
+        write_jsonl(tmp_path / "train.jsonl", rows)
+        write_jsonl(tmp_path / "eval.jsonl", rows[:8])
+        remote = {"model": "tiny", "backoff_base_s": 0.01}
+        config = parse_config({
+            "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
+            "teachers": [{"backend": "fireworks", "base_url": teacher_base, "max_attempts": 1, **remote}],
+            "sampler": {"backend": "fireworks", "base_url": student_base, "max_attempts": 10, **remote},
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")},
+            "sampling": {"max_new_tokens": 4}, "eval": {"every_steps": 2},
+            "train": {"steps": 4, "prompt_groups_per_step": 4, "completions_per_prompt": 2, "learning_rate": 1e-2},
+            "checkpoint": {"every_steps": 2},
+        }, manager, source=str(tmp_path / "run.toml"))
+        manager.register(_KilledAfterCheckpoint(step=2), name="killer")
+        with pytest.raises(RuntimeError, match="killed"):
+            run(config, manager, progress=False)
+        manager.unregister("killer")
+        summary = run(config, manager, progress=False)
+        teacher_faults = httpx.get(f"{teacher_base}/faults").json()
+        student_faults = httpx.get(f"{student_base}/faults").json()
+    finally:
+        for proc in (teacher_proc, student_proc):
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert summary["resumed_from_step"] == 2
+    (teacher,) = summary["teachers"].values()
+    assert sum(teacher["failed_attempts"].values()) == sum(teacher_faults.values()) > 0
+    assert teacher["dropped"] == teacher["failed_attempts"]  # one attempt each: every failure drops its request
+    assert teacher["failed"] == _teacher_failures(summary["rows_skipped"]) > 0
+    assert _teacher_failures(summary["eval_dropped"]) > 0
+    assert sum(teacher["dropped"].values()) == _teacher_failures(summary["rows_skipped"]) + _teacher_failures(summary["eval_dropped"])
+    assert sum(summary["sampler"]["failed_attempts"].values()) == sum(student_faults.values()) > 0
+    assert summary["sampler"]["syncs"] == 4 + 2  # steps 1-4, and once as each of the two attempts starts
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
