@@ -10,6 +10,7 @@ from distill.config import display_config, finite, non_negative, positive, resol
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
 from distill.modeling import completion_hidden_states, final_hidden_states, full_logprobs, head_weight
+from distill.preflight import folder_problems
 from distill.protocols import (
     Blender,
     Checkpoint,
@@ -61,6 +62,7 @@ __all__ = [
     "DistillError",
     "PluginError",
     "display_config",
+    "folder_problems",
     "finite",
     "non_negative",
     "positive",

@@ -34,6 +34,7 @@ from distill import (
     CheckpointBackend,
     CheckpointBackendSpec,
     CheckpointError,
+    folder_problems,
     hookimpl,
     positive,
 )
@@ -212,6 +213,11 @@ class LocalCheckpoints(CheckpointBackend):
         return str(self.final_dir)
 
 
+def _check(options: LocalCheckpointOptions, context: BuildContext) -> list[str]:
+    """A directory that cannot be written would fail at the first save, after steps of work."""
+    return folder_problems(options.directory, f"{context.path}.directory") if options.directory else []
+
+
 @hookimpl
 def distill_checkpoint_backends() -> list[CheckpointBackendSpec]:
     return [
@@ -220,5 +226,6 @@ def distill_checkpoint_backends() -> list[CheckpointBackendSpec]:
             summary="Atomic step directories under <output_dir>/checkpoints, keep-last-N.",
             config_cls=LocalCheckpointOptions,
             factory=LocalCheckpoints.build,
+            check=_check,
         )
     ]

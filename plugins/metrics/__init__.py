@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import structlog
 
-from distill import BuildContext, MetricSink, MetricSinkSpec, hookimpl
+from distill import BuildContext, MetricSink, MetricSinkSpec, folder_problems, hookimpl
 
 __all__ = ["JsonlOptions", "JsonlSink"]
 
@@ -78,6 +78,16 @@ class JsonlSink(MetricSink):
             self._file = None
 
 
+def _check(options: JsonlOptions, context: BuildContext) -> list[str]:
+    """A path that cannot be a writable file would fail at the first step."""
+    if not options.path:
+        return []
+    path, where = Path(options.path), f"{context.path}.path"
+    if path.is_dir():
+        return [f"{options.path!r} is a folder; give the path of a file @ {where}"]
+    return folder_problems(str(path.parent), where)
+
+
 @hookimpl
 def distill_metric_sinks() -> list[MetricSinkSpec]:
     return [
@@ -86,5 +96,6 @@ def distill_metric_sinks() -> list[MetricSinkSpec]:
             summary="One JSON object per step in <output_dir>/metrics.jsonl.",
             config_cls=JsonlOptions,
             factory=JsonlSink.build,
+            check=_check,
         )
     ]

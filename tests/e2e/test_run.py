@@ -283,6 +283,14 @@ def test_validate_and_run_refuse_mistakes_of_files_and_machine_before_anything_r
         f"give the rows a `teacher` field holding one of '{tiny_models['teacher']}' @ data.train",
     ]
 
+    found = _distill_run("validate", str(config), *_sets(f"checkpoint.directory='{config}'",
+                                                         f"metrics.jsonl.path='{tmp_path}'"))
+    assert found.returncode == 2
+    assert found.stderr.splitlines()[1:] == [
+        f"  - '{config}' is a file, not a folder: move it or choose another folder @ checkpoint.directory",
+        f"  - '{tmp_path}' is a folder; give the path of a file @ metrics.jsonl.path",
+    ]
+
     student_tokenizer = f"student.tokenizer='{tiny_models['tokenizer']}'"  # so only the model is missing
     refused = _distill_run("run", str(config), "--no-progress", *_sets(student_tokenizer, f"student.model='{missing}'"))
     assert refused.returncode == 2
