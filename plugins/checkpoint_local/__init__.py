@@ -102,7 +102,9 @@ def _damage(folder: Path) -> str | None:
     """What in ``folder`` differs from its manifest, or None when every file matches."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        return f"{MANIFEST} is missing"
+        # also a checkpoint of a distill older than the manifests: its loop state is older too, so
+        # it cannot resume here either
+        return f"{MANIFEST} is missing (cut short, or written by an older distill that did not seal checkpoints)"
     for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         digest, sep, name = line.partition("  ")
         if not sep:
