@@ -23,6 +23,7 @@ from distill.protocols import (
     Sampler,
     SkipRow,
     TeacherScorer,
+    Trainer,
 )
 from distill.types import (
     BlenderSpec,
@@ -43,6 +44,7 @@ from distill.types import (
     TeacherRef,
     TeacherScores,
     TeacherSpec,
+    TrainerSpec,
     WeightedScores,
 )
 
@@ -79,6 +81,7 @@ __all__ = [
     "Sampler",
     "SkipRow",
     "TeacherScorer",
+    "Trainer",
     "TokenBatch",
     "BlenderSpec",
     "ComponentSpec",
@@ -98,5 +101,6 @@ __all__ = [
     "TeacherRef",
     "TeacherScores",
     "TeacherSpec",
+    "TrainerSpec",
     "WeightedScores",
 ]

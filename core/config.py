@@ -52,6 +52,7 @@ __all__ = [
     "RouterConfig",
     "BlenderConfig",
     "LossConfig",
+    "TrainerConfig",
     "CheckpointConfig",
     "MetricsConfig",
     "RunConfig",
@@ -177,6 +178,18 @@ class TrainConfig:
     threads: int | None = _field(None, positive)
     max_staleness: Literal[0, 1] = 0  # 1: sample and score step k+1 while step k trains
 
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rate for optimizer step ``step`` (0-based); every trainer
+        backend follows it."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
 
 @attrs.frozen(kw_only=True)
 class EvalConfig:
@@ -231,7 +244,13 @@ class BlenderConfig:
 class LossConfig:
     name: str = "sampled_reverse_kl"
     kernel: str = "auto"
-    normalize: Literal["token", "sum"] = "token"
+    normalize: Literal["token", "sequence", "sum"] = "token"
+    options: Any = None
+
+
+@attrs.frozen(kw_only=True)
+class TrainerConfig:
+    backend: str = "torch"
     options: Any = None
 
 
@@ -264,6 +283,7 @@ class RunConfig:
     router: RouterConfig = attrs.field(factory=RouterConfig)
     blender: BlenderConfig = attrs.field(factory=BlenderConfig)
     loss: LossConfig = attrs.field(factory=LossConfig)
+    trainer: TrainerConfig = attrs.field(factory=TrainerConfig)
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     source: str | None = None
@@ -281,7 +301,7 @@ TRAJECTORY_FIELDS: tuple[str, ...] = (
     "student.model", "student.tokenizer", "student.dtype",
     "data.train", "data.max_prompt_tokens", "data.shuffle",
     "eval.max_new_tokens",  # it also caps the prompt length of training rows (room left in the context)
-    "teachers", "sampler", "router", "blender",
+    "teachers", "sampler", "router", "blender", "trainer",
     "sampling",
     "loss.name", "loss.normalize", "loss.options",
     "train.steps",  # the learning-rate schedule spans them

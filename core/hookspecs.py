@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         RunInfo,
         SamplerSpec,
         TeacherSpec,
+        TrainerSpec,
     )
 
 PROJECT_NAME = "distill"
@@ -115,6 +116,25 @@ def distill_blenders() -> list[BlenderSpec]:
         @hookimpl
         def distill_blenders():
             return [BlenderSpec(name="max_prob", summary="...", factory=MaxProb)]
+    """
+
+
+@hookspec
+def distill_trainers() -> list[TrainerSpec]:
+    """Register trainer backends, selected by ``[trainer] backend = NAME``.
+
+    A trainer's factory returns a :class:`distill.protocols.Trainer`: it loads the student from
+    ``context.student_path``, trains it with ``context.objective`` and the kernel
+    ``context.kernel_for(device_type, dtype)`` returns, and normalises the loss as
+    ``run_config.loss.normalize`` says. A remote trainer implements ``train_step`` as the service's
+    ``forward_backward`` and ``optim_step`` calls.
+
+    Example::
+
+        @hookimpl
+        def distill_trainers():
+            return [TrainerSpec(name="my_trainer", summary="...", config_cls=MyOptions,
+                                factory=MyTrainer.build)]
     """
 
 

@@ -79,6 +79,8 @@ KINDS: tuple[Kind, ...] = (
          protocol=protocols.Router, section="router", selector="name"),
     Kind(name="blender", hook="distill_blenders", spec_cls=types.BlenderSpec, config_cls=config.BlenderConfig,
          protocol=protocols.Blender, section="blender", selector="name"),
+    Kind(name="trainer", hook="distill_trainers", spec_cls=types.TrainerSpec, config_cls=config.TrainerConfig,
+         protocol=protocols.Trainer, section="trainer", selector="backend"),
     Kind(name="checkpoint_backend", hook="distill_checkpoint_backends", spec_cls=types.CheckpointBackendSpec,
          config_cls=config.CheckpointConfig, protocol=protocols.CheckpointBackend, section="checkpoint",
          selector="backend"),

@@ -42,12 +42,11 @@ from distill.errors import CheckpointError, ConfigError, DistillError
 from distill.evaluate import evaluate, teacher_accuracy
 from distill.manager import PluginManager
 from distill.preflight import preflight, prompt_token_limit
-from distill.protocols import Checkpoint, CheckpointBackend, Sampler
+from distill.protocols import Checkpoint, CheckpointBackend, LossKernel, Sampler, Trainer
 from distill.report import Progress, summary
 from distill.scoring import TeacherBook, TeacherPool
 from distill.sinks import MetricSinks
 from distill.status import RunStatus
-from distill.trainer import Trainer
 from distill.types import BuildContext, PromptRow, Rollout, RunInfo, TeacherScores
 
 __all__ = ["run", "Recipe", "RunInterrupted", "Resume", "PhaseClock"]
@@ -206,6 +205,7 @@ class Recipe:
         self.checkpoints: CheckpointBackend | None = None
         self.tokenizer: Any = None
         self.trainer: Trainer | None = None
+        self.loss_kernel: str | None = None  # the kernel plugins chose for where the trainer computes
         self.sampler: Sampler | None = None
         self.pool: TeacherPool | None = None
         self.sinks = MetricSinks({})
@@ -255,18 +255,22 @@ class Recipe:
         )
         raise ConfigError(problems, self.config.source)
 
-    def _build_components(self, model_path: str) -> None:
-        from transformers import AutoModelForCausalLM
+    def _kernel_for(self, device: str, dtype: str) -> LossKernel:
+        """The loss kernel for the trainer's device type and dtype (its factory asks, once)."""
+        kernel = self.manager.select_loss_kernel(loss=self.config.loss.name, kernel=self.config.loss.kernel,
+                                                 device=device, dtype=dtype)
+        self.loss_kernel = kernel.name
+        return kernel
 
+    def _build_components(self, model_path: str) -> None:
+        """The trainer first (it loads the student from ``model_path``), then what uses the student."""
         config = self.config
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.student.dtype))
-        model.to(config.student.device)
-        self.context = attrs.evolve(self.context, tokenizer=self.tokenizer, student=model)
+        self.context = attrs.evolve(self.context, tokenizer=self.tokenizer)
         objective = self._build("loss", config.loss.name, config.loss.options, "loss")
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        kernel = self.manager.select_loss_kernel(
-            loss=config.loss.name, kernel=config.loss.kernel, device=model.device.type, dtype=dtype
-        )
+        self.trainer = self.manager.build("trainer", config.trainer.backend, config.trainer.options, attrs.evolve(
+            self.context, path="trainer", student_path=model_path, objective=objective, kernel_for=self._kernel_for))
+        model = self.trainer.model
+        self.context = attrs.evolve(self.context, student=model)
         teachers: dict[str, Any] = {}
         shared: dict[str, Any] = {}  # teachers with the same backend and options share one instance
         for ref in self.context.teachers:
@@ -286,9 +290,8 @@ class Recipe:
         )
         self.sinks = MetricSinks({name: self._build("metric_sink", name, config.metrics.options[name],
                                                     f"metrics.{name}") for name in config.metrics.sinks})
-        self.trainer = Trainer(model, config, objective, kernel)
-        log.info("components", loss=config.loss.name, kernel=kernel.name, router=config.router.name,
-                 teachers=sorted(teachers))
+        log.info("components", trainer=config.trainer.backend, loss=config.loss.name, kernel=self.loss_kernel,
+                 router=config.router.name, teachers=sorted(teachers))
 
     def _load_data(self) -> None:
         config, tokenizer = self.config, self.tokenizer
@@ -497,7 +500,8 @@ class Recipe:
             if self.eval_rows:
                 self.evaluation["after"] = await self.evaluate(config.train.steps)
             stop.raise_if_requested("during the final evaluation; training is complete and saved")
-        final_uri = self.checkpoints.save_final(model=self.trainer.model, tokenizer=self.tokenizer)
+        final_uri = self.checkpoints.save_final(model=self.trainer.final_model(), tokenizer=self.tokenizer,
+                                                adapter=self.trainer.final_adapter())
         result = summary(self, final_uri)
         (self.output_dir / "summary.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         self.sinks.write_summary(result)

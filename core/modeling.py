@@ -38,7 +38,9 @@ def final_hidden_states(
     model: Any, input_ids_B_L: torch.Tensor, attention_mask_B_L: torch.Tensor
 ) -> torch.Tensor:
     """Last-layer hidden states [B, L, H] (after the final norm) of a right-padded batch."""
-    body = model.base_model
+    # a PEFT model's own base_model is its tuner, which returns logits: take the wrapped model's body
+    unwrap = getattr(model, "get_base_model", None)
+    body = (unwrap() if unwrap is not None else model).base_model
     return body(input_ids=input_ids_B_L, attention_mask=attention_mask_B_L).last_hidden_state
 
 

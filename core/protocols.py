@@ -38,6 +38,7 @@ __all__ = [
     "Blender",
     "Objective",
     "LossKernel",
+    "Trainer",
     "CheckpointBackend",
     "Checkpoint",
     "MetricSink",
@@ -196,6 +197,38 @@ class LossKernel(Protocol):
     ) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class Trainer(Protocol):
+    """Owns the student and its optimizer; the loop hands it one step's batch at a time.
+
+    ``model`` is the Hugging Face module the student lives in: a local sampler shares it, a remote
+    sampler's ``sync_weights`` reads it, checkpoints save it. A remote trainer (a service with
+    ``forward_backward`` and ``optim_step``, as Tinker and the Fireworks training API have) sends
+    the batch and the loss in ``train_step``, keeps ``model`` a local copy it refreshes after each
+    step (or one a remote sampler never reads), and keeps the service's session in ``state_dict``.
+    """
+
+    model: Any
+
+    def train_step(self, batch: TokenBatch) -> dict[str, float]:
+        """One optimizer step on the whole batch; the step's metrics (``loss`` and the objective's,
+        averaged per token, ``grad_norm``, ``learning_rate``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs besides ``model``'s weights (optimizer, schedule, RNG)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state_dict`'s state, after the factory loaded the checkpoint's weights."""
+
+    def final_model(self) -> Any:
+        """The module the run exports as its final student, loadable with plain ``from_pretrained``."""
+        return self.model
+
+    def final_adapter(self) -> Any | None:
+        """The PEFT model whose adapter :meth:`final_model` merged, exported beside it; None without one."""
+        return None
+
+
 @attrs.frozen(kw_only=True)
 class Checkpoint:
     """A complete, resumable checkpoint: ``model_dir`` holds Hugging Face weights."""
@@ -225,8 +258,10 @@ class CheckpointBackend(Protocol):
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None."""
 
-    def save_final(self, *, model: Any, tokenizer: Any) -> str:
-        """Store the final student where plain ``from_pretrained`` loads it; return its URI."""
+    def save_final(self, *, model: Any, tokenizer: Any, adapter: Any | None = None) -> str:
+        """Store the final student where plain ``from_pretrained`` loads it, and ``adapter`` (a PEFT
+        model, when the trainer trained one) under ``adapter/`` for ``PeftModel.from_pretrained``;
+        return its URI."""
 
 
 @runtime_checkable

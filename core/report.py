@@ -116,6 +116,6 @@ def summary(recipe: Recipe, final_uri: str) -> dict[str, Any]:
         "per_route": per_route(recipe),
         "eval_history": evaluation.get("history", []),
         "loss": config.loss.name,
-        "loss_kernel": recipe.trainer.kernel.name,
+        "loss_kernel": recipe.loss_kernel,
         "final_model": final_uri,
     }

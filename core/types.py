@@ -22,6 +22,7 @@ __all__ = [
     "BlenderSpec",
     "CheckpointBackendSpec",
     "MetricSinkSpec",
+    "TrainerSpec",
     "BuildContext",
     "TeacherRef",
     "PromptRow",
@@ -140,6 +141,11 @@ class MetricSinkSpec(ComponentSpec):
 
 
 @attrs.frozen(kw_only=True)
+class TrainerSpec(ComponentSpec):
+    """A trainer backend: owns the student and its optimizer, takes one step per batch."""
+
+
+@attrs.frozen(kw_only=True)
 class TeacherRef:
     """One ``[[teachers]]`` entry as the rest of the run addresses it.
 
@@ -166,7 +172,10 @@ class BuildContext:
     sits in the config (a teacher's factory and check find their own entry as :attr:`teacher`).
     ``student`` is the live student module owned by the trainer (a local sampler shares it, so
     weight sync is free); ``tokenizer`` renders prompts for everyone, so all components work on ids.
-    Config-time checks see no tokenizer and no student.
+    A trainer's factory alone gets ``student_path`` (the weights to start from: the student's
+    folder, or the checkpoint's on resume), ``objective`` (the built loss) and
+    ``kernel_for(device_type, dtype)`` (the loss kernel plugins choose for where it computes).
+    Config-time checks see none of these.
     """
 
     run_config: Any
@@ -179,6 +188,9 @@ class BuildContext:
     path: str = ""
     tokenizer: Any = None
     student: Any = None
+    student_path: str | None = None
+    objective: Any = None
+    kernel_for: Callable[[str, str], Any] | None = None
 
     @property
     def teacher(self) -> TeacherRef | None:

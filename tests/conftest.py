@@ -65,6 +65,7 @@ def documentation_gaps(manager, docs: Path) -> list[str]:
     naming each of the hook's arguments; each field of the run config's sections in
     configuration.md; each option of each installed component somewhere in the docs."""
     import re
+    import typing
 
     import attrs
 
@@ -89,8 +90,9 @@ def documentation_gaps(manager, docs: Path) -> list[str]:
         for field in attrs.fields(cls):
             if field.name not in ("options", "source") and f"`{field.name}`" not in text:
                 gaps.append(f"{where} does not document {cls.__name__}.{field.name}")
-            if attrs.has(field.type):
-                fields(field.type, text, where, seen)
+            for inner in (field.type, *typing.get_args(field.type)):  # an optional table too
+                if attrs.has(inner):
+                    fields(inner, text, where, seen)
 
     seen: set[type] = set()
     fields(manager.registry.run_config, configuration_md, "configuration.md", seen)

@@ -6,7 +6,7 @@ checkpoints (``step-00000040/``) behind. Resuming verifies the manifest, so a fi
 it was written (truncated, bits flipped) stops the run with its name instead of being trained on;
 ``fallback = "previous"`` resumes from the newest intact checkpoint instead. Layout::
 
-    checkpoints/step-00000040/model/            Hugging Face weights + tokenizer
+    checkpoints/step-00000040/model/            Hugging Face weights (a LoRA run's: the adapter) + tokenizer
     checkpoints/step-00000040/trainer_state.pt  optimizer, scheduler, RNG states
     checkpoints/step-00000040/loop_state.json   step, dataset cursor, counters, the run's config
     checkpoints/step-00000040/SHA256SUMS        sha256 of every other file (``sha256sum -c`` reads it)
@@ -206,10 +206,12 @@ class LocalCheckpoints(CheckpointBackend):
                                   f"Delete them to start afresh, or choose another output_dir.")
         return None
 
-    def save_final(self, *, model: Any, tokenizer: Any) -> str:
+    def save_final(self, *, model: Any, tokenizer: Any, adapter: Any | None = None) -> str:
         tmp = self._temp(self.final_dir.parent, self.final_dir.name)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            adapter.save_pretrained(tmp / "adapter")
         _seal(tmp)
         _replace_dir(tmp, self.final_dir)
         return str(self.final_dir)

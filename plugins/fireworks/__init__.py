@@ -34,6 +34,7 @@ class RemoteOptions:
     api_key_env: str = "FIREWORKS_API_KEY"
     timeout_s: float = attrs.field(default=60.0, validator=[finite, positive])
     max_attempts: int = attrs.field(default=6, validator=positive)
+    not_ready_wait_s: float = attrs.field(default=180.0, validator=[finite, non_negative])
     backoff_base_s: float = attrs.field(default=0.25, validator=[finite, positive])
     backoff_max_s: float = attrs.field(default=20.0, validator=[finite, positive])
     concurrency: int = attrs.field(default=8, validator=positive)
@@ -55,12 +56,14 @@ class RemoteSamplerOptions(RemoteOptions):
     ``distill-serve`` (write them, ``POST /distill/v1/load_weights``) or ``none`` (the server's
     weights never change: off-policy, for debugging). ``server_weights_dir`` is the same folder as
     the server sees it. After every sync the server's logprobs on a probe sequence must match the
-    trainer's within ``sync_tolerance`` (0 turns the check off)."""
+    trainer's within ``sync_tolerance`` (0 turns the check off). ``stream`` asks for server-sent
+    events (Fireworks dialect), for long generations behind proxies that cut idle connections."""
 
     sync: Literal["auto", "vllm", "distill-serve", "none"] = "auto"
     weights_dir: str = ""
     server_weights_dir: str = ""
     sync_tolerance: float = attrs.field(default=1e-3, validator=[finite, non_negative])
+    stream: bool = False
 
     @property
     def sync_kind(self) -> str:
@@ -105,6 +108,14 @@ def _check_sampler(backend: str) -> Callable[[RemoteSamplerOptions, BuildContext
         behaviour and the raw logprob, the same only when sampling is unfiltered at T = 1."""
         options, problems = _with_dialect(options, backend, context.path)
         sampling = context.run_config.sampling
+        if options.dialect == "fireworks":  # the API's caps: a request beyond them would be a 400 mid-run
+            caps = {"sampling.temperature": (sampling.temperature, 2), "sampling.top_k": (sampling.top_k, 100),
+                    "train.completions_per_prompt": (context.run_config.train.completions_per_prompt, 128)}
+            problems += [f"{value} exceeds the Fireworks API's cap of {cap} @ {where}"
+                         for where, (value, cap) in caps.items() if value > cap]
+        if options.stream and options.dialect != "fireworks":
+            problems.append(f"stream = true needs the fireworks dialect (server-sent events in its format) "
+                            f"@ {context.path}.stream")
         if options.dialect == "vllm" and (sampling.temperature, sampling.top_k, sampling.top_p) != (1.0, 0, 1.0):
             problems.append("the vllm dialect returns raw logprobs only, which are the behaviour policy's only at "
                             "temperature 1 with no top_k/top_p: sample with those, or use a fireworks backend "

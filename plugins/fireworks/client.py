@@ -1,8 +1,10 @@
 """A resilient JSON-over-HTTP client: retries with jittered backoff, Retry-After, and an AIMD window.
 
-Retried: 408, 425, 429, 5xx, transport errors, timeouts, truncated or non-JSON bodies, and
-responses the caller rejects (``Invalid``); every failed attempt is counted by reason. Not retried:
-400, 401, 403, 404, 422 — the server's message is raised at once. The concurrency window grows
+Retried: 408, 429, 5xx, transport errors, timeouts, truncated or non-JSON bodies, and responses
+the caller rejects (``Invalid``, such as ``finish_reason: "error"``); every failed attempt is
+counted by reason. 404 and 425 mean "not ready" (a Fireworks deployment that is starting or
+hot-loading weights): polled without using up attempts for ``not_ready_wait_s``, then fatal. Not
+retried: 400, 401, 403, 422 — the server's message is raised at once. The concurrency window grows
 while the server keeps up and halves on overload (429, 5xx, timeouts, replies slow enough to risk
 timeouts), so a client takes the throughput a server offers without tipping it over.
 """
@@ -10,6 +12,7 @@ timeouts), so a client takes the throughput a server offers without tipping it o
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import math
 import os
@@ -25,12 +28,14 @@ from distill import DistillError
 
 
 __all__ = ["AdaptiveWindow", "Invalid", "JsonClient", "RequestFailed", "RetryPolicy", "client_for", "finite",
-           "indexed_choices"]
+           "indexed_choices", "streamed_body"]
 
 T = TypeVar("T")
 
-RETRY_STATUS = {408, 425, 429}
+RETRY_STATUS = {408, 429}
 OVERLOAD_STATUS = {429}
+NOT_READY_STATUS = frozenset({404, 425})
+NOT_READY_POLL_S = 5.0  # the Fireworks SDK polls a deployment that is not ready every 5 s
 
 
 class Invalid(Exception):
@@ -49,11 +54,48 @@ def finite(value: Any, reason: str) -> float:
 
 
 def indexed_choices(body: Any, count: int) -> list[Any]:
-    """``body["choices"]`` ordered by ``index``, which must be exactly 0 … count − 1."""
+    """``body["choices"]`` ordered by ``index``, which must be exactly 0 … count − 1; a choice that
+    finished with ``"error"`` makes the reply a failed attempt (its tokens are not a real sample)."""
     choices = sorted(body["choices"], key=lambda choice: choice["index"])
     if [c["index"] for c in choices] != list(range(count)):
         raise Invalid("missing_choices")
+    if any(c.get("finish_reason") == "error" for c in choices):
+        raise Invalid("finish_error")
     return choices
+
+
+def streamed_body(text: str) -> dict[str, Any]:
+    """A streamed reply (server-sent events, Fireworks format) assembled into the body the JSON reply
+    would have been, so it is validated the same way: choices by ``index``, texts joined,
+    ``logprobs.content`` concatenated, the last ``finish_reason`` and ``raw_output`` kept. A stream
+    without ``data: [DONE]``, or with a choice that never finished, is truncated."""
+    head: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue  # comments, event names, keep-alives
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if not choices or any("finish_reason" not in c for c in choices.values()):
+                raise Invalid("truncated_stream")
+            return {**head, "choices": list(choices.values())}
+        try:
+            chunk = json.loads(data)
+            if chunk.get("error") is not None:
+                raise Invalid("stream_error")
+            head.update((key, value) for key, value in chunk.items() if key != "choices")
+            for part in chunk["choices"]:
+                choice = choices.setdefault(part["index"], {"index": part["index"], "text": ""})
+                choice["text"] += part.get("text") or ""
+                content = (part.get("logprobs") or {}).get("content")
+                if content:
+                    choice.setdefault("logprobs", {"content": []})["content"].extend(content)
+                for key in ("finish_reason", "raw_output"):
+                    if part.get(key) is not None:
+                        choice[key] = part[key]
+        except (KeyError, TypeError, AttributeError):
+            raise Invalid("malformed") from None
+    raise Invalid("truncated_stream")
 
 
 class RequestFailed(DistillError):
@@ -150,9 +192,17 @@ class AdaptiveWindow:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds, given as seconds or as an HTTP date (RFC 9110)."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
     try:
-        return float(response.headers["retry-after"])
-    except (KeyError, ValueError):
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
         return None
 
 
@@ -177,21 +227,26 @@ class JsonClient:
         timeout_s: float,
         policy: RetryPolicy,
         window: AdaptiveWindow,
+        not_ready_wait_s: float = 180.0,
         seed: int = 0,
     ) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
         self.policy = policy
         self.window = window
+        self.not_ready_wait_s = not_ready_wait_s
         self.failed_attempts: Counter[str] = Counter()
         self._rng = random.Random(seed)
 
-    async def post(self, path: str, body: dict[str, Any] | None, parse: Callable[[Any], T] | None = None) -> T | None:
+    async def post(self, path: str, body: dict[str, Any] | None, parse: Callable[[Any], T] | None = None, *,
+                   not_ready: frozenset[int] = NOT_READY_STATUS) -> T | None:
         """POST ``body``; ``parse(json)`` may raise :class:`Invalid` to have the request retried.
 
-        Without ``parse`` only the status matters (control endpoints may answer with no body)."""
-        last = "unknown"
-        for attempt in range(self.policy.max_attempts):
-            retry_after = None
+        Without ``parse`` only the status matters (control endpoints may answer with no body).
+        ``not_ready`` are the statuses polled as "not ready" (a control endpoint's 404 means it does
+        not exist, so its caller passes only 425)."""
+        last, attempt, not_ready_since, polls = "unknown", 0, None, 0
+        while attempt < self.policy.max_attempts:
+            retry_after, overloaded, status = None, False, 0
             async with self.window:
                 started = time.perf_counter()
                 try:
@@ -199,20 +254,22 @@ class JsonClient:
                 except httpx.TimeoutException:
                     last, overloaded = "timeout", True
                 except httpx.TransportError as exc:
-                    last, overloaded = f"transport:{type(exc).__name__}", False
+                    last = f"transport:{type(exc).__name__}"
                 else:
                     status = response.status_code
                     if status < 300:
                         try:
-                            result = parse(response.json()) if parse else None
+                            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+                            reply = streamed_body(response.text) if streamed else response.json()
+                            result = parse(reply) if parse else None
                         except json.JSONDecodeError:
-                            last, overloaded = "bad_json", False
+                            last = "bad_json"
                         except Invalid as bad:
-                            last, overloaded = f"invalid:{bad.reason}", False
+                            last = f"invalid:{bad.reason}"
                         else:
                             self.window.success(time.perf_counter() - started)
                             return result
-                    elif status in RETRY_STATUS or status >= 500:
+                    elif status in RETRY_STATUS or status in not_ready or status >= 500:
                         last, overloaded = f"http_{status}", status in OVERLOAD_STATUS or status >= 500
                         retry_after = _retry_after(response)
                     else:
@@ -224,8 +281,21 @@ class JsonClient:
             if overloaded:
                 self.window.overload()
             self.failed_attempts[last] += 1
-            if attempt + 1 < self.policy.max_attempts:
-                await asyncio.sleep(self.policy.delay(attempt, retry_after, self._rng))
+            if status in not_ready:
+                not_ready_since = not_ready_since or time.monotonic()
+                left = self.not_ready_wait_s - (time.monotonic() - not_ready_since)
+                if left <= 0:
+                    raise RequestFailed(
+                        f"{response.request.url} answered {status} (not ready) for {self.not_ready_wait_s:g} s: "
+                        f"the deployment is missing, starting or loading weights. Check base_url and model, "
+                        f"or wait longer with not_ready_wait_s", reason=last, retryable=False)
+                backoff = min(NOT_READY_POLL_S, self.policy.backoff_base_s * 2**polls)
+                polls += 1
+                await asyncio.sleep(min(left, max(backoff, retry_after or 0.0)))
+                continue
+            not_ready_since, attempt = None, attempt + 1
+            if attempt < self.policy.max_attempts:
+                await asyncio.sleep(self.policy.delay(attempt - 1, retry_after, self._rng))
         raise RequestFailed(
             f"{path} failed {self.policy.max_attempts} times; last: {last}", reason=last, retryable=True
         )
@@ -256,5 +326,6 @@ def client_for(options: Any, seed: int) -> JsonClient:
                            backoff_max_s=options.backoff_max_s),
         window=AdaptiveWindow(options.concurrency, options.max_concurrency, options.adaptive_concurrency,
                               slow_s=options.timeout_s / 2),
+        not_ready_wait_s=options.not_ready_wait_s,
         seed=seed,
     )

@@ -49,6 +49,7 @@ __all__ = ["RemoteSampler", "Sample", "parse_completion_ids", "parse_fireworks_s
 
 log = structlog.get_logger("distill")
 PROBE_LENGTH = 16
+CONTROL_NOT_READY = frozenset({425})  # a sync endpoint's 404 means it does not exist: fail fast with a hint
 MISSING_ENDPOINT_HINTS = {  # what to do when the server has no sync endpoint (404)
     "vllm": "; start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
     "distill-serve": "; point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
@@ -83,9 +84,28 @@ def parse_completion_ids(body: Any, dialect: str, max_tokens: int) -> list[int]:
     return _checked(ids, max_tokens)
 
 
-def parse_fireworks_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
+NO_SAMPLING_LOGPROB = (
+    "The student's server does not report sampling_logprob (the behaviour policy's logprob, after "
+    "temperature and filters), and its logprob is the behaviour policy's only at temperature 1 with no "
+    "top_k/top_p: sample with temperature = 1, top_k = 0, top_p = 1, or serve the student where "
+    "sampling_logprob is reported (Fireworks, distill-serve)."
+)
+
+
+def _behaviour_logprob(entry: Any, raw_is_behaviour: bool) -> float:
+    """``sampling_logprob``, optional in the API: without it ``logprob`` is exact only when sampling
+    is unfiltered at temperature 1 (the Fireworks SDK falls back the same way), else the run stops."""
+    if entry.get("sampling_logprob") is not None:
+        return finite(entry["sampling_logprob"], "non_finite_logprob")
+    if not raw_is_behaviour:
+        raise DistillError(NO_SAMPLING_LOGPROB)
+    return finite(entry["logprob"], "non_finite_logprob")
+
+
+def parse_fireworks_samples(body: Any, n: int, max_tokens: int, raw_is_behaviour: bool = False) -> list[Sample]:
     """Ids from ``raw_output.completion_token_ids``; ``content[i]`` must carry the same ``token_id``
-    with a finite ``logprob`` (raw model) and ``sampling_logprob`` (after temperature and filters)."""
+    with a finite ``logprob`` (raw model) and ``sampling_logprob`` (after temperature and filters),
+    which may be absent when ``raw_is_behaviour`` (temperature 1, no top-k/top-p)."""
     try:
         samples = []
         for choice in indexed_choices(body, n):
@@ -95,11 +115,11 @@ def parse_fireworks_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
                 raise Invalid("ids_mismatch")
             samples.append(Sample(
                 ids,
-                [finite(e["sampling_logprob"], "non_finite_logprob") for e in content],
+                [_behaviour_logprob(e, raw_is_behaviour) for e in content],
                 [finite(e["logprob"], "non_finite_logprob") for e in content],
                 choice["finish_reason"] == "stop",
             ))
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise Invalid("malformed") from None
     return samples
 
@@ -171,6 +191,7 @@ class RemoteSampler(Sampler):
         weights_dir: Path,
         server_weights_dir: str,
         sync_tolerance: float,
+        stream: bool = False,
     ) -> None:
         self.client = client
         self.model = model
@@ -180,6 +201,7 @@ class RemoteSampler(Sampler):
         self.weights_dir = weights_dir
         self.server_weights_dir = server_weights_dir
         self.sync_tolerance = sync_tolerance
+        self.stream = stream
         vocab = student.get_output_embeddings().weight.shape[0]
         self.probe = [(7 * i + 3) % vocab for i in range(PROBE_LENGTH)]
         self.syncs = 0
@@ -203,6 +225,7 @@ class RemoteSampler(Sampler):
             weights_dir=weights_dir.resolve(),
             server_weights_dir=options.server_weights_dir or str(weights_dir.resolve()),
             sync_tolerance=options.sync_tolerance,
+            stream=options.stream,
         )
 
     async def aclose(self) -> None:
@@ -232,13 +255,16 @@ class RemoteSampler(Sampler):
         body = {"model": self.model, "prompt": list(prompt), "max_tokens": max_tokens, "n": n,
                 "temperature": temperature, "top_p": top_p, "seed": seed}
         if self.dialect == "fireworks":
-            return {**body, "top_k": top_k, "logprobs": True, "raw_output": True}
+            return {**body, "top_k": top_k, "logprobs": True, "raw_output": True, "stream": self.stream}
         return {**body, "top_k": top_k or -1, "logprobs": 0, "return_token_ids": True}
 
     async def _sample_one(self, prompt: Sequence[int], params: SamplingParams, seed: int) -> list[Sample]:
         body = self._body(prompt, params.n, params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed)
-        parse = parse_fireworks_samples if self.dialect == "fireworks" else parse_vllm_samples
-        return await self._post(self._path, body, lambda reply: parse(reply, params.n, params.max_new_tokens))
+        if self.dialect == "fireworks":
+            raw_is_behaviour = (params.temperature, params.top_k, params.top_p) == (1.0, 0, 1.0)
+            return await self._post(self._path, body, lambda reply: parse_fireworks_samples(
+                reply, params.n, params.max_new_tokens, raw_is_behaviour))
+        return await self._post(self._path, body, lambda reply: parse_vllm_samples(reply, params.n, params.max_new_tokens))
 
     async def _complete_one(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
         body = self._body(prompt, 1, max_new_tokens, 0.0, 0, 1.0, 0)
@@ -278,10 +304,12 @@ class RemoteSampler(Sampler):
         try:
             if self.sync == "vllm":
                 await self.client.post("/collective_rpc", {"method": "reload_weights",
-                                                          "kwargs": {"weights_path": self.server_weights_dir}})
-                await self.client.post("/reset_prefix_cache", None)
+                                                          "kwargs": {"weights_path": self.server_weights_dir}},
+                                       not_ready=CONTROL_NOT_READY)
+                await self.client.post("/reset_prefix_cache", None, not_ready=CONTROL_NOT_READY)
             else:
-                await self.client.post("/distill/v1/load_weights", {"path": self.server_weights_dir})
+                await self.client.post("/distill/v1/load_weights", {"path": self.server_weights_dir},
+                                       not_ready=CONTROL_NOT_READY)
         except RequestFailed as failed:
             hint = MISSING_ENDPOINT_HINTS[self.sync] if failed.reason == "http_404" else ""
             raise DistillError(f"Weight sync to {self.model!r} failed: {failed}{hint}.") from None

@@ -16,7 +16,21 @@ import torch
 from distill import BuildContext, DistillError, ScoreFailure, ScoreRequest, TeacherScorer, TeacherScores
 from distill.plugins.fireworks.client import Invalid, JsonClient, RequestFailed, client_for, finite, indexed_choices
 
-__all__ = ["RemoteTeacher", "parse_fireworks_echo", "parse_vllm_prompt_logprobs", "scoring_request"]
+__all__ = ["RemoteTeacher", "candidate_id", "parse_fireworks_echo", "parse_vllm_prompt_logprobs", "scoring_request"]
+
+
+def candidate_id(candidate: Any, tokenizer: Any = None) -> int | None:
+    """A top-K candidate's id: ``token_id``, else ``id`` (both optional in the API), else what its
+    ``token`` text tokenizes to when that is exactly one id (the cookbook's fallback); else None."""
+    for key in ("token_id", "id"):
+        value = candidate.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    token = candidate.get("token")
+    if tokenizer is None or not isinstance(token, str):
+        return None
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 def _scores(logprobs: list[float], candidates: list[list[tuple[int, float]]] | None) -> TeacherScores:
@@ -29,11 +43,14 @@ def _scores(logprobs: list[float], candidates: list[list[tuple[int, float]]] | N
     )
 
 
-def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, top_k: int) -> TeacherScores:
+def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, top_k: int,
+                         resolve: Callable[[Any], int | None] = candidate_id) -> TeacherScores:
     """``content[i]`` scores sequence token i (``content[0]`` has no condition); the extra generated
-    token at the end is ignored. Candidates are resolved by ``token_id``."""
+    token at the end is ignored. Candidates are resolved by ``resolve``; one it cannot resolve is
+    dropped, and a position left with fewer than ``top_k`` makes the reply invalid."""
     try:
-        content = body["choices"][0]["logprobs"]["content"]
+        (choice,) = indexed_choices(body, 1)
+        content = choice["logprobs"]["content"]
         if len(content) < len(sequence):
             raise Invalid("short_echo")
         if any(entry["token_id"] != token for entry, token in zip(content, sequence, strict=False)):
@@ -42,11 +59,9 @@ def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, to
         for entry in content[prompt_len : len(sequence)]:
             logprobs.append(finite(entry["logprob"], "non_finite_logprob"))
             if top_k:
-                ranked = sorted(
-                    ((int(c["token_id"]), finite(c["logprob"], "non_finite_top_logprob"))
-                     for c in entry.get("top_logprobs") or ()),
-                    key=lambda pair: -pair[1],
-                )
+                resolved = ((resolve(c), finite(c["logprob"], "non_finite_top_logprob"))
+                            for c in entry.get("top_logprobs") or ())
+                ranked = sorted(((i, lp) for i, lp in resolved if i is not None), key=lambda pair: -pair[1])
                 if len(ranked) < top_k:
                     raise Invalid("missing_top_k")
                 candidates.append(ranked[:top_k])
@@ -85,9 +100,11 @@ def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len:
 
 
 def scoring_request(
-    dialect: str, model: str, requests: Sequence[ScoreRequest], top_k: int
+    dialect: str, model: str, requests: Sequence[ScoreRequest], top_k: int,
+    resolve: Callable[[Any], int | None] = candidate_id,
 ) -> tuple[str, dict[str, Any], Callable[[Any], list[TeacherScores]]]:
-    """(path, body, parse) of one scoring request: ``fireworks`` takes one sequence, ``vllm`` a batch."""
+    """(path, body, parse) of one scoring request: ``fireworks`` takes one sequence, ``vllm`` a batch;
+    ``resolve`` gives a Fireworks top-K candidate's id."""
     sequences = [[*r.prompt_ids, *r.completion_ids] for r in requests]
     lengths = [len(r.prompt_ids) for r in requests]
     if dialect == "fireworks":
@@ -96,7 +113,7 @@ def scoring_request(
                 "echo": True, "logprobs": True, "raw_output": True}
         if top_k:
             body["top_logprobs"] = top_k
-        return "/inference/v1/completions", body, lambda reply: [parse_fireworks_echo(reply, sequence, prompt_len, top_k)]
+        return "/inference/v1/completions", body, lambda reply: [parse_fireworks_echo(reply, sequence, prompt_len, top_k, resolve)]
 
     def parse(reply: Any) -> list[TeacherScores]:
         try:
@@ -112,12 +129,16 @@ def scoring_request(
 
 class RemoteTeacher(TeacherScorer):
     """Scores over HTTP (vLLM: ``batch_size`` sequences per request); each request is retried on
-    its own, concurrency is bounded by an AIMD window."""
+    its own, concurrency is bounded by an AIMD window. ``tokenizer`` resolves Fireworks candidates
+    that carry only their text; ``unresolved_candidates`` counts those it could not."""
 
     def __init__(
-        self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int, batch_size: int = 16
+        self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int, batch_size: int = 16,
+        tokenizer: Any = None,
     ) -> None:
         self.client = client
+        self.tokenizer = tokenizer
+        self.unresolved_candidates = 0
         self.model = model
         self.dialect = dialect
         self.batch_size = batch_size
@@ -128,7 +149,8 @@ class RemoteTeacher(TeacherScorer):
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
         return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect or "fireworks",
-                   max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size)
+                   max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size,
+                   tokenizer=context.tokenizer)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -137,15 +159,22 @@ class RemoteTeacher(TeacherScorer):
         return self.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.client.state_dict(), "dropped": dict(self.dropped)}
+        return {**self.client.state_dict(), "dropped": dict(self.dropped),
+                "unresolved_candidates": self.unresolved_candidates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.client.load_state_dict(state)
         self.dropped = dict(state["dropped"])
+        self.unresolved_candidates = state.get("unresolved_candidates", 0)  # absent in older checkpoints
+
+    def _resolve(self, candidate: Any) -> int | None:
+        found = candidate_id(candidate, self.tokenizer)
+        self.unresolved_candidates += found is None
+        return found
 
     async def _guarded(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores | ScoreFailure]:
         try:
-            path, body, parse = scoring_request(self.dialect, self.model, requests, top_k)
+            path, body, parse = scoring_request(self.dialect, self.model, requests, top_k, self._resolve)
             scores: list[TeacherScores | ScoreFailure] = list(await self.client.post(path, body, parse))
         except RequestFailed as failed:
             if not failed.retryable:

@@ -88,7 +88,7 @@ def test_unknown_hook_name_is_rejected_at_registration_with_the_close_match():
         f"plugin 'typo' (registered in-process): {__name__}.Typo implements unknown hook 'distill_frobnicate' "
         "(hooks: distill_blenders, distill_checkpoint_backends, distill_losses, distill_metric_sinks, "
         "distill_on_checkpoint_saved, distill_on_step_end, distill_routers, distill_samplers, "
-        "distill_select_loss_kernel, distill_teachers), unknown hook 'distill_lossess' (did you mean 'distill_losses'?)."
+        "distill_select_loss_kernel, distill_teachers, distill_trainers), unknown hook 'distill_lossess' (did you mean 'distill_losses'?)."
     )
     assert "typo" not in {info.name for info in manager.plugins()}
 

@@ -1,7 +1,12 @@
 """The trainer's claims, checked: micro-batching never changes the gradient, ``normalize = "sum"``
-is the token-normalised gradient times the token count, and each schedule gives its learning rates."""
+and ``"sequence"`` are the token-normalised gradient rescaled, gradient checkpointing changes no
+gradient, bf16-mixed follows fp32's loss, each schedule gives its learning rates, LoRA options
+are checked at config time, and a third-party trainer backend is selected by config (LoRA training
+itself: tests/e2e/test_lora.py)."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,16 +14,25 @@ from transformers import AutoModelForCausalLM
 
 from distill.align import build_token_batch
 from distill.config import parse_config
+from distill.errors import ConfigError
 from distill.plugins.losses.objectives import SampledReverseKL, SampledReverseKLOptions
 from distill.plugins.losses.reference import REFERENCE_KERNEL
-from distill.trainer import Trainer, lr_factor
-from distill.types import PromptRow, Rollout, TeacherScores
+from distill.plugins.torch_trainer import TorchTrainer, TorchTrainerOptions, checkpoint_activations
+from distill.types import BuildContext, PromptRow, Rollout, TeacherScores
 
 RAW = {"student": {"model": "s"}, "data": {"train": "t.jsonl"}, "teachers": [{"backend": "hf", "model": "t"}]}
 
 
-def _config(manager, **train):
-    return parse_config({**RAW, "train": {"max_grad_norm": 0.0, **train}}, manager)
+def _config(manager, normalize="token", **train):
+    return parse_config({**RAW, "train": {"max_grad_norm": 0.0, **train}, "loss": {"normalize": normalize}}, manager)
+
+
+def _trainer(tiny_models, config, dtype=torch.float64, **options):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=dtype)
+    if options.get("gradient_checkpointing"):
+        checkpoint_activations(model)
+    return TorchTrainer(model, config, TorchTrainerOptions(**options),
+                        SampledReverseKL(SampledReverseKLOptions()), REFERENCE_KERNEL)
 
 
 def _batch(vocab: int, seed: int = 0):
@@ -36,10 +50,9 @@ def _batch(vocab: int, seed: int = 0):
     return build_token_batch(rollouts, scores, pad_id=0)
 
 
-def _gradients(tiny_models, config):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float64)
-    trainer = Trainer(model, config, SampledReverseKL(SampledReverseKLOptions()), REFERENCE_KERNEL)
-    metrics = trainer.train_step(_batch(model.config.vocab_size))
+def _gradients(tiny_models, config, dtype=torch.float64, **options):
+    trainer = _trainer(tiny_models, config, dtype, **options)
+    metrics = trainer.train_step(_batch(trainer.model.config.vocab_size))
     return [p.grad.clone() for p in trainer.parameters], metrics
 
 
@@ -54,11 +67,41 @@ def test_micro_batching_never_changes_the_gradient(tiny_models, manager):
 
 def test_sum_normalisation_is_the_token_mean_times_the_token_count(tiny_models, manager):
     mean, _ = _gradients(tiny_models, _config(manager))
-    total, _ = _gradients(tiny_models, parse_config({**RAW, "train": {"max_grad_norm": 0.0},
-                                                      "loss": {"normalize": "sum"}}, manager))
+    total, _ = _gradients(tiny_models, _config(manager, normalize="sum"))
     tokens = _batch(75).num_tokens
     for a, b in zip(mean, total, strict=True):
         torch.testing.assert_close(a * tokens, b, atol=1e-9, rtol=1e-9)
+
+
+def test_sequence_normalisation_divides_by_the_sequences_whatever_the_micro_batch(tiny_models, manager):
+    mean, _ = _gradients(tiny_models, _config(manager))
+    whole, _ = _gradients(tiny_models, _config(manager, normalize="sequence"))
+    single, _ = _gradients(tiny_models, _config(manager, normalize="sequence", micro_batch_size=1))
+    batch = _batch(75)
+    for a, b, c in zip(mean, whole, single, strict=True):
+        torch.testing.assert_close(a * batch.num_tokens / batch.num_sequences, b, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(b, c, atol=1e-9, rtol=0)
+
+
+def test_gradient_checkpointing_changes_no_gradient(tiny_models, manager):
+    plain, _ = _gradients(tiny_models, _config(manager), torch.float32)
+    checked, _ = _gradients(tiny_models, _config(manager), torch.float32, gradient_checkpointing=True)
+    assert any(g.abs().max() > 1e-4 for g in plain)
+    for a, b in zip(plain, checked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_follows_the_fp32_loss(tiny_models, manager):
+    """20 steps on one batch: bf16 autocast moves each step's loss by at most 0.02 (3% of it) here."""
+    config = _config(manager, learning_rate=1e-2)
+    losses = {}
+    for precision in ("fp32", "bf16-mixed"):
+        trainer = _trainer(tiny_models, config, torch.float32, precision=precision)
+        batch = _batch(trainer.model.config.vocab_size)
+        losses[precision] = [trainer.train_step(batch)["loss"] for _ in range(20)]
+        assert all(p.dtype == torch.float32 for p in trainer.parameters)
+    assert losses["fp32"][-1] < losses["fp32"][0] - 0.1  # it learns, so the trajectories say something
+    assert losses["bf16-mixed"] == pytest.approx(losses["fp32"], abs=0.02)
 
 
 @pytest.mark.parametrize(("schedule", "expected"), [
@@ -68,13 +111,62 @@ def test_sum_normalisation_is_the_token_mean_times_the_token_count(tiny_models, 
 ])
 def test_each_schedule_warms_up_then_decays_to_its_end(manager, schedule, expected):
     train = _config(manager, steps=10, warmup_steps=2, schedule=schedule).train
-    assert [lr_factor(step, train) for step in (0, 1, 2, 4, 6, 10)] == pytest.approx(expected)
+    assert [train.lr_factor(step) for step in (0, 1, 2, 4, 6, 10)] == pytest.approx(expected)
 
 
 def test_the_optimizer_follows_the_schedule(tiny_models, manager):
     config = _config(manager, steps=4, warmup_steps=2, schedule="linear", learning_rate=0.1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float64)
-    trainer = Trainer(model, config, SampledReverseKL(SampledReverseKLOptions()), REFERENCE_KERNEL)
-    batch = _batch(model.config.vocab_size)
+    trainer = _trainer(tiny_models, config)
+    batch = _batch(trainer.model.config.vocab_size)
     rates = [trainer.train_step(batch)["learning_rate"] for _ in range(4)]
     assert rates == pytest.approx([0.05, 0.1, 0.1, 0.05])
+
+
+def test_the_torch_trainer_is_the_default_and_its_options_are_checked(manager):
+    config = _config(manager)
+    assert (config.trainer.backend, config.trainer.options) == ("torch", TorchTrainerOptions())
+    with pytest.raises(ConfigError) as err:
+        parse_config({**RAW, "trainer": {"precision": "fp16", "fast": True}}, manager)
+    assert err.value.problems == ["must be one of 'fp32', 'bf16-mixed', 'bf16', got 'fp16' @ trainer.precision",
+                                  "unknown key 'fast' @ trainer"]
+    with pytest.raises(ConfigError) as err:
+        parse_config({**RAW, "student": {"model": "s", "dtype": "bfloat16"}, "trainer": {"precision": "bf16"}}, manager)
+    assert err.value.problems == [
+        "precision 'bf16' chooses the weights' dtype itself, but student.dtype is 'bfloat16': leave "
+        "student.dtype at 'float32' or set precision = 'fp32' @ trainer.precision"]
+
+
+def test_lora_options_are_checked_at_config_time(manager, monkeypatch, tmp_path):
+    """Without peft, and with a warm start that is no adapter folder, ``validate`` says so (no model loads)."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # what importlib sees when it is not installed
+    with pytest.raises(ConfigError) as err:
+        parse_config({**RAW, "trainer": {"lora": {"rank": 8, "warm_start_adapter": str(tmp_path)}}}, manager)
+    assert err.value.problems == [
+        "LoRA trains through peft, which is not installed: pip install 'distill[lora]' @ trainer.lora",
+        f"'{tmp_path}' is not a PEFT adapter folder (it has no adapter_config.json) @ trainer.lora.warm_start_adapter"]
+    with pytest.raises(ConfigError) as err:
+        parse_config({**RAW, "trainer": {"lora": {"rank": 0, "dropout": 1.0}}}, manager)
+    assert [p.split(" @ ")[1] for p in err.value.problems] == ["trainer.lora.rank", "trainer.lora.dropout"]
+
+
+@pytest.fixture
+def frozen_trainer(manager, monkeypatch):
+    """The third-party package's trainer, registered the way its entry point would."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "third_party_plugin"))
+    import distill_frozen_trainer
+
+    manager.register(distill_frozen_trainer, name="frozen_trainer")
+    yield manager
+    sys.modules.pop("distill_frozen_trainer", None)
+
+
+def test_a_third_party_trainer_is_selected_by_config(tiny_models, frozen_trainer):
+    config = parse_config({**RAW, "trainer": {"backend": "frozen"}}, frozen_trainer)
+    context = BuildContext(run_config=config, output_dir=Path("out"), seed=0, device="cpu", path="trainer",
+                           student_path=str(tiny_models["student"]), objective=SampledReverseKL(SampledReverseKLOptions()),
+                           kernel_for=lambda device, dtype: REFERENCE_KERNEL)
+    trainer = frozen_trainer.build("trainer", config.trainer.backend, config.trainer.options, context)
+    before = [p.clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step(_batch(trainer.model.config.vocab_size))
+    assert metrics["loss"] != 0 and trainer.state_dict() == {"steps": 1}
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))

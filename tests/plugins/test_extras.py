@@ -24,13 +24,13 @@ def test_the_core_install_and_its_imports_pull_no_optional_library():
     import tomllib
     from pathlib import Path
 
-    optional = {"tensorboard", "wandb", "mlflow", "matplotlib"}
+    optional = {"tensorboard", "wandb", "mlflow", "matplotlib", "peft"}
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     required = {dep.split(">")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]}
     assert not {name for name in required if any(lib in name for lib in optional)}
-    assert {"tensorboard", "wandb", "mlflow", "report"} <= set(project["optional-dependencies"])
+    assert {"tensorboard", "wandb", "mlflow", "report", "lora"} <= set(project["optional-dependencies"])
     probe = ("import sys; import distill.cli, distill.plots, distill.plugins.tensorboard, distill.plugins.mlflow, "
-             "distill.plugins.wandb; from distill.manager import PluginManager; "
-             "PluginManager().components('metric_sink'); "
+             "distill.plugins.wandb, distill.plugins.torch_trainer; from distill.manager import PluginManager; "
+             "PluginManager().components('metric_sink'); PluginManager().components('trainer'); "
              f"print(sorted(set({sorted(optional)!r}) & {{m.split('.')[0] for m in sys.modules}}))")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"

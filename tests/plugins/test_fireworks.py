@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,10 +38,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _serve(model, *extra):
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _serve(model, *extra, faults=(), weights_root=None, env=None):
+    """distill-serve on 127.0.0.1; ``faults`` (options of ``faulty_serve``) put the test-only fault
+    injector in front of it; ``weights_root`` allows weight loading from folders inside it."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distill.plugins.serve", "--model", str(model),
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = ["tests.plugins.faulty_serve", *faults] if faults else ["distill.plugins.serve"]
+    if weights_root is not None:
+        extra = ("--weights-root", str(weights_root), *extra)
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--model", str(model), "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -78,13 +88,13 @@ def test_remote_scores_match_the_local_teacher(server, tiny_models):
 
 
 def test_a_refused_request_fails_fast_with_the_servers_message(server):
-    with pytest.raises(DistillError, match="refused a request: /inference/v1/completions answered 400: top_logprobs must be an integer between 0 and 5"):
+    with pytest.raises(DistillError, match=r"refused a request: /inference/v1/completions answered 400: top_logprobs must be an integer in \[0, 5\], got 6"):
         asyncio.run(_remote(server).score(REQUESTS[:1], top_k=6))
 
 
 def test_injected_faults_are_retried_and_counted_exactly(tiny_models):
-    proc, base = _serve(tiny_models["teacher"], "--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
-                        "--fault-seed", "3", "--stall-s", "6")
+    proc, base = _serve(tiny_models["teacher"], faults=("--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
+                                                              "--fault-seed", "3", "--stall-s", "6"))
     try:
         teacher = _remote(base, timeout_s=3, max_attempts=8)  # a loaded machine must not time out
         requests = REQUESTS * 10
@@ -119,12 +129,19 @@ def _content(ids, logprob=-0.5, top=()):
     return [{"token_id": i, "logprob": None if n == 0 else logprob, "top_logprobs": list(top)} for n, i in enumerate(ids)]
 
 
+def _echo(content, finish="length"):
+    return {"choices": [{"index": 0, "finish_reason": finish, "logprobs": {"content": content}}]}
+
+
 @pytest.mark.parametrize(("body", "reason"), [
-    ({"choices": [{"logprobs": {"content": _content([2, 7, 8])}}]}, "short_echo"),
-    ({"choices": [{"logprobs": {"content": _content([2, 7, 5, 9, 1])}}]}, "echo_mismatch"),
-    ({"choices": [{"logprobs": {"content": _content(SEQ + [1], logprob=None)}}]}, "non_finite_logprob"),
-    ({"choices": [{"logprobs": {"content": _content(SEQ + [1], top=[{"token_id": 3, "logprob": -1.0}])}}]}, "missing_top_k"),
-    ({"choices": []}, "malformed"),
+    (_echo(_content([2, 7, 8])), "short_echo"),
+    (_echo(_content([2, 7, 5, 9, 1])), "echo_mismatch"),
+    (_echo(_content(SEQ + [1], logprob=None)), "non_finite_logprob"),
+    (_echo(_content(SEQ + [1], top=[{"token_id": 3, "logprob": -1.0}])), "missing_top_k"),
+    (_echo(_content(SEQ + [1], top=[{"token_id": 3, "logprob": -1.0}, {"token": "x", "logprob": -2.0}])), "missing_top_k"),
+    (_echo(_content(SEQ + [1]), finish="error"), "finish_error"),
+    ({"choices": []}, "missing_choices"),
+    ({"choices": [{"index": 0}]}, "malformed"),
 ])
 def test_fireworks_responses_that_do_not_line_up_are_rejected(body, reason):
     with pytest.raises(Invalid) as bad:
@@ -135,7 +152,7 @@ def test_fireworks_responses_that_do_not_line_up_are_rejected(body, reason):
 def test_fireworks_echo_alignment_and_candidates():
     content = _content(SEQ + [1], top=[{"token_id": 3, "logprob": -2.0}, {"token_id": 4, "logprob": -1.0}])
     content[2]["logprob"], content[3]["logprob"] = -0.25, -0.75
-    scores = parse_fireworks_echo({"choices": [{"logprobs": {"content": content}}]}, SEQ, prompt_len=2, top_k=2)
+    scores = parse_fireworks_echo(_echo(content), SEQ, prompt_len=2, top_k=2)
     assert scores.logprobs_C.tolist() == [-0.25, -0.75]  # targets of 8 and 9; the generated 1 is dropped
     assert scores.topk_ids_C_K.tolist() == [[4, 3], [4, 3]]
 
@@ -283,10 +300,10 @@ def test_remote_counters_cover_the_whole_run_across_a_resume(tiny_models, tmp_pa
     """Every fault both servers injected, over a run killed after its step-2 checkpoint and resumed, is
     in the final summary; teacher requests that failed for good are in ``rows_skipped`` (training)
     or ``eval_dropped`` (evaluation), never lost."""
-    teacher_proc, teacher_base = _serve(tiny_models["teacher"], "--faults", "429=0.1,500=0.1,reset=0.05,truncate=0.1,corrupt=0.05",
-                                        "--fault-seed", "11")
-    student_proc, student_base = _serve(tiny_models["student"], "--faults", "429=0.05,500=0.05,reset=0.02,truncate=0.05",
-                                        "--fault-seed", "12")
+    teacher_proc, teacher_base = _serve(tiny_models["teacher"], faults=("--faults", "429=0.1,500=0.1,reset=0.05,truncate=0.1,corrupt=0.05",
+                                                                              "--fault-seed", "11"))
+    student_proc, student_base = _serve(tiny_models["student"], weights_root=tmp_path.parent, faults=("--faults", "429=0.05,500=0.05,reset=0.02,truncate=0.05",
+                                                                              "--fault-seed", "12"))
     try:
         rows = [{"messages": [{"role": "user", "content": f"{a}+{a}?"}], "expected_answer": str(2 * a)} for a in range(10)]
         write_jsonl(tmp_path / "train.jsonl", rows)
@@ -335,3 +352,87 @@ def test_the_remote_teacher_keeps_the_contract(server, top_k):
             await teacher.aclose()
 
     asyncio.run(scenario())
+
+
+def _faulty_teacher_scores(tiny_models, faults, top_k=3, tokenizer=None, **options):
+    """The remote teacher's scores of REQUESTS through the fault fixture, with its counters."""
+    proc, base = _serve(tiny_models["teacher"], faults=faults)
+    try:
+        opts = RemoteTeacherOptions(base_url=base, model="tiny", backoff_base_s=0.01, **options)
+        teacher = RemoteTeacher.build(opts, BuildContext(run_config=None, output_dir=".", seed=0, device="cpu",
+                                                         tokenizer=tokenizer))
+        started = time.monotonic()
+        try:
+            scores = asyncio.run(teacher.score(REQUESTS, top_k=top_k))
+        finally:
+            elapsed = time.monotonic() - started
+        return scores, teacher.counters(), httpx.get(f"{base}/faults").json(), elapsed
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _local_scores(tiny_models, top_k=3):
+    local = HFTeacher(AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]), None, batch_size=8)
+    return asyncio.run(local.score(REQUESTS, top_k=top_k))
+
+
+def _assert_same(have, want):
+    for h, w in zip(have, want, strict=True):
+        torch.testing.assert_close(h.logprobs_C, w.logprobs_C, atol=1e-4, rtol=0)
+        torch.testing.assert_close(h.topk_logprobs_C_K, w.topk_logprobs_C_K, atol=1e-4, rtol=0)
+        assert h.topk_ids_C_K.tolist() == w.topk_ids_C_K.tolist()
+
+
+def test_not_ready_then_error_finish_then_a_dated_retry_after_are_retried_and_counted(tiny_models):
+    faults = ("--first", "425=2", "--first", "404=1", "--first", "finish_error=2", "--first", "429_date=1")
+    scores, counters, injected, elapsed = _faulty_teacher_scores(tiny_models, faults, max_attempts=4)
+    assert injected == {"425": 2, "404": 1, "finish_error": 2, "429_date": 1}
+    assert counters["failed_attempts"] == {"http_425": 2, "http_404": 1, "invalid:finish_error": 2, "http_429": 1}
+    assert counters["dropped"] == {}  # not-ready polls use no attempts: 3 more failures fit in 4 attempts
+    assert elapsed >= 1.0  # the date is 2 s ahead, to the second: the client waited for it
+    _assert_same(scores, _local_scores(tiny_models))
+
+
+def test_a_server_that_stays_not_ready_stops_the_run_naming_the_url_and_status(tiny_models):
+    with pytest.raises(DistillError, match=r"refused a request: http://127\.0\.0\.1:\d+/inference/v1/completions "
+                                           r"answered 425 \(not ready\) for 0\.5 s: the deployment is missing, "
+                                           r"starting or loading weights\. Check base_url and model, or wait "
+                                           r"longer with not_ready_wait_s"):
+        _faulty_teacher_scores(tiny_models, ("--first", "425=10000"), not_ready_wait_s=0.5)
+
+
+def test_candidates_without_token_id_resolve_by_id_or_by_their_text(tiny_models):
+    from transformers import AutoTokenizer
+
+    want = _local_scores(tiny_models)
+    scores, counters, _, _ = _faulty_teacher_scores(tiny_models, ("--omit", "candidate_token_id_as_id"))
+    _assert_same(scores, want)
+    assert counters["unresolved_candidates"] == 0
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])  # character-level: each text is one id
+    scores, counters, _, _ = _faulty_teacher_scores(tiny_models, ("--omit", "candidate_token_id"), tokenizer=tokenizer)
+    _assert_same(scores, want)
+    assert counters["unresolved_candidates"] == 0
+
+
+def test_candidates_that_resolve_to_nothing_are_dropped_and_counted(tiny_models):
+    scores, counters, _, _ = _faulty_teacher_scores(tiny_models, ("--omit", "candidate_token_id"), top_k=2,
+                                                    max_attempts=1)  # no tokenizer: only ids resolve
+    assert all(isinstance(s, ScoreFailure) and s.reason == "invalid:missing_top_k" for s in scores)
+    assert counters["unresolved_candidates"] == 2 * len(REQUESTS)  # a reply is refused at its first short position
+    assert counters["dropped"] == {"invalid:missing_top_k": len(REQUESTS)}
+
+
+def test_retry_after_reads_seconds_and_http_dates():
+    import email.utils
+
+    from distill.plugins.fireworks.client import _retry_after
+
+    def reply(value):
+        return httpx.Response(429, headers={} if value is None else {"retry-after": value})
+
+    assert _retry_after(reply("3")) == 3.0
+    assert _retry_after(reply(None)) is None and _retry_after(reply("soon")) is None
+    assert 8 < _retry_after(reply(email.utils.formatdate(time.time() + 10, usegmt=True))) <= 10
+    assert _retry_after(reply(email.utils.formatdate(time.time() - 60, usegmt=True))) == 0.0

@@ -28,8 +28,8 @@ ROWS = [PromptRow(index=i + 1, messages=(), prompt_ids=p) for i, p in enumerate(
 
 
 @pytest.fixture
-def student_server(tiny_models):
-    proc, base = _serve(tiny_models["student"])
+def student_server(tiny_models, tmp_path):
+    proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -102,7 +102,7 @@ def test_weight_sync_serves_the_trained_weights_and_a_stale_server_is_caught(stu
 
 
 def test_sync_fails_with_a_hint_when_the_server_cannot_load_weights(tiny_models, tmp_path):
-    proc, base = _serve(tiny_models["student"])
+    proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
     try:
         sampler = _sampler(base, AutoModelForCausalLM.from_pretrained(tiny_models["student"]), tmp_path,
                            server_weights_dir=str(tmp_path / "elsewhere"))
@@ -151,8 +151,8 @@ def test_weights_that_do_not_fit_are_refused_and_the_served_model_is_unchanged(s
 
 
 def test_injected_faults_on_sampling_are_retried_and_counted_exactly(tiny_models, tmp_path):
-    proc, base = _serve(tiny_models["student"], "--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
-                        "--fault-seed", "5", "--stall-s", "6")
+    proc, base = _serve(tiny_models["student"], faults=("--faults", "429=0.1,500=0.1,reset=0.05,stall=0.05,truncate=0.1,corrupt=0.1",
+                                                              "--fault-seed", "5", "--stall-s", "6"))
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     try:
         sampler = _sampler(base, student, tmp_path, timeout_s=3, max_attempts=12)
@@ -251,7 +251,7 @@ def test_the_old_dialect_spelling_still_works_with_a_warning_and_contradictions_
 def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_server(tiny_models, tmp_path, manager):
     from tests.conftest import write_jsonl
 
-    proc, base = _serve(tiny_models["student"])
+    proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
     try:
         write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
         config = {
@@ -312,3 +312,79 @@ def test_the_remote_sampler_keeps_the_contract(student_server, tiny_models, tmp_
             await sampler.aclose()
 
     asyncio.run(scenario())
+
+
+def test_without_sampling_logprob_the_raw_logprob_is_used_only_where_it_is_the_behaviour_policys(tiny_models, tmp_path):
+    from distill.plugins.fireworks.sampler import NO_SAMPLING_LOGPROB
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    proc, base = _serve(tiny_models["student"], faults=("--omit", "sampling_logprob", "--omit", "usage",
+                                                        "--first", "finish_error=1"))
+    try:
+        sampler = _sampler(base, student, tmp_path)
+        rollouts = asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seed=0))
+        counters = sampler.counters()
+        with pytest.raises(DistillError) as stopped:
+            asyncio.run(_sampler(base, student, tmp_path).sample(ROWS, SamplingParams(max_new_tokens=6, temperature=0.7),
+                                                                 seed=0))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert str(stopped.value) == NO_SAMPLING_LOGPROB
+    assert counters["failed_attempts"] == {"invalid:finish_error": 1}
+    for rollout in rollouts:  # at temperature 1 with no filters, the raw logprob is exact
+        raw, _ = _local(student, rollout.prompt_ids, rollout.completion_ids_C.tolist())
+        torch.testing.assert_close(rollout.sampling_logprobs_C, raw, atol=1e-4, rtol=0)
+        assert rollout.sampling_logprobs_C.tolist() == rollout.model_logprobs_C.tolist()
+
+
+def test_streamed_sampling_gives_the_same_samples_and_a_cut_stream_is_retried(student_server, tiny_models, tmp_path):
+    from distill.plugins.fireworks.client import streamed_body
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, n=2)
+
+    async def scenario(stream):
+        sampler = _sampler(student_server, student, tmp_path, stream=stream)
+        try:
+            return await sampler.sample(ROWS, params, seed=4), sampler.counters()
+        finally:
+            await sampler.aclose()
+
+    (plain, _), (streamed, counters) = asyncio.run(scenario(False)), asyncio.run(scenario(True))
+    assert counters["failed_attempts"] == {}
+    for want, have in zip(plain, streamed, strict=True):
+        assert have.completion_ids_C.tolist() == want.completion_ids_C.tolist()
+        assert have.sampling_logprobs_C.tolist() == want.sampling_logprobs_C.tolist()
+        assert have.model_logprobs_C.tolist() == want.model_logprobs_C.tolist()
+
+    reply = httpx.post(f"{student_server}/inference/v1/completions",
+                       json={"prompt": list(PROMPTS[0]), "max_tokens": 3, "logprobs": True, "stream": True})
+    body = streamed_body(reply.text)
+    assert parse_fireworks_samples(body, 1, 3)[0].ids == body["choices"][0]["raw_output"]["completion_token_ids"]
+    for cut in (reply.text[: reply.text.index("data: [DONE]")], reply.text.replace('"finish_reason": "length"', '"finish_reason": null').replace('"finish_reason": "stop"', '"finish_reason": null')):
+        with pytest.raises(Invalid, match="truncated_stream"):
+            streamed_body(cut)
+
+
+def test_stream_needs_the_fireworks_dialect(manager, tiny_models, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
+    config = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
+              "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+              "sampler": {"backend": "vllm", "base_url": "http://127.0.0.1:1", "model": "s", "stream": True}}
+    with pytest.raises(ConfigError, match=r"stream = true needs the fireworks dialect .* @ sampler\.stream"):
+        parse_config(config, manager, source=str(tmp_path / "run.toml"))
+
+
+def test_sampling_beyond_the_fireworks_apis_caps_is_a_config_error(manager, tiny_models, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
+    config = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
+              "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+              "sampler": {"backend": "fireworks", "base_url": "http://127.0.0.1:1", "model": "s"},
+              "sampling": {"temperature": 2.5, "top_k": 101}, "train": {"completions_per_prompt": 129}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, manager, source=str(tmp_path / "run.toml"))
+    assert [p for p in err.value.problems if "Fireworks" in p] == [
+        "2.5 exceeds the Fireworks API's cap of 2 @ sampling.temperature",
+        "101 exceeds the Fireworks API's cap of 100 @ sampling.top_k",
+        "129 exceeds the Fireworks API's cap of 128 @ train.completions_per_prompt"]
