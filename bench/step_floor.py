@@ -71,7 +71,7 @@ def _phases(args: argparse.Namespace, workdir: str) -> dict[str, dict[str, Calla
     teacher = next(iter(recipe.pool.teachers.values())).model
     pad = tokenizer.pad_token_id
 
-    rollouts = loop.run_until_complete(recipe.sampler.sample(rows, params, seed=1))
+    rollouts = loop.run_until_complete(recipe.sampler.sample(rows, params, seeds=range(len(rows))))
     kept, scores, _ = loop.run_until_complete(recipe.pool.score(rollouts, Counter()))
     batch = build_token_batch(kept, scores, pad_id=pad)
 
@@ -110,7 +110,7 @@ def _phases(args: argparse.Namespace, workdir: str) -> dict[str, dict[str, Calla
     recipe.trainer.optimizer.param_groups[0]["lr"] = 0.0
     recipe.trainer.scheduler.base_lrs = [0.0]  # our step too leaves the weights alone
     return {
-        "sample": {"ours": lambda: loop.run_until_complete(recipe.sampler.sample(rows, params, seed=1)),
+        "sample": {"ours": lambda: loop.run_until_complete(recipe.sampler.sample(rows, params, seeds=range(len(rows)))),
                    "bare": bare_sample},
         "score": {"ours": lambda: loop.run_until_complete(recipe.pool.score(rollouts, Counter())),
                   "bare": bare_score},

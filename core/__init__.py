@@ -7,11 +7,13 @@ validators, and the data types of a step. Plugins import from here and :mod:`dis
 
 from distill.align import TokenBatch, completion_positions
 from distill.config import display_config, finite, non_negative, positive, resolve_path, unit_interval
+from distill.data import sample_seed
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
 from distill.modeling import completion_hidden_states, final_hidden_states, full_logprobs, head_weight
 from distill.preflight import folder_problems
 from distill.protocols import (
+    SHARDED,
     Blender,
     Checkpoint,
     CheckpointBackend,
@@ -69,7 +71,9 @@ __all__ = [
     "non_negative",
     "positive",
     "resolve_path",
+    "sample_seed",
     "unit_interval",
+    "SHARDED",
     "Blender",
     "Checkpoint",
     "CheckpointBackend",

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import structlog
 
@@ -30,7 +32,8 @@ EXIT_CONFIG = 2
 
 
 def _configure_logging(verbose: bool) -> None:
-    """Human-readable logs on a terminal, one JSON object per line otherwise."""
+    """Human-readable logs on a terminal, one JSON object per line otherwise. Under torchrun only
+    the main process (RANK 0) logs at info level; the others report warnings and errors."""
     renderer = (
         structlog.dev.ConsoleRenderer()
         if sys.stderr.isatty()
@@ -42,7 +45,8 @@ def _configure_logging(verbose: bool) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.WARNING if os.environ.get("RANK", "0") != "0" else logging.DEBUG if verbose else logging.INFO),
         # look sys.stderr up per logger: it may be replaced (pytest capture, a redirecting host)
         logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
     )
@@ -84,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="resume the checkpoint even though this config changes what it trains "
                            "(seed, data, models, loss, ...); requires a checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bar; log every step instead")
+    run.add_argument("--nproc", type=_process_count, default=1, metavar="N",
+                     help="run on N processes of this machine: starts torchrun --nproc_per_node N for you "
+                          "(the student sharded with FSDP2, each process sampling and scoring a share of the step)")
     run.set_defaults(resume="auto")
 
     validate = commands.add_parser(
@@ -136,7 +143,29 @@ def _status(run_dir: str) -> int:
     return 0
 
 
+def _process_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes, at least 1, got {value!r}")
+    return int(value)
+
+
+def _torchrun(nproc: int, argv: Sequence[str]) -> NoReturn:
+    """This very command on ``nproc`` processes under torchrun (one machine), without ``--nproc``."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg == "--nproc":
+            del args[i : i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del args[i]
+            break
+    # exec, not a child: signals (Ctrl-C, SIGTERM) reach torchrun, which passes them to every process
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "distill.cli", *args])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose)
     _quiet_transformers()
@@ -160,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(display_config(config), indent=1))
             print(f"{args.config}: valid", file=sys.stderr)
             return 0
+        if args.nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            from distill.preflight import preflight
+
+            preflight(config, manager)  # its errors once, here, rather than once per process
+            _torchrun(args.nproc, argv)
         from distill.loop import RunInterrupted, run
 
         try:

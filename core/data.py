@@ -13,6 +13,7 @@ or one undecodable line never shifts the line numbers that skip reports and erro
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import math
 import random
@@ -32,6 +33,7 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "derive_seed",
+    "sample_seed",
     "SkipLine",
     "parse_lines",
     "render_prompt",
@@ -233,6 +235,13 @@ def load_dataset(
 def derive_seed(seed: int, index: int) -> int:
     """A seed of its own for epoch or step ``index`` of a run seeded with ``seed``."""
     return seed * 1_000_003 + index
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th row (or completion) under ``seed``: 31 bits, what remote APIs
+    take, hashed so that neighbouring seeds and indices do not share random streams."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
 
 
 class DataCursor:

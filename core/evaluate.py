@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from distill import distributed
 from distill.config import RunConfig
+from distill.data import sample_seed
 from distill.protocols import SkipRow
 from distill.types import PromptRow
 
@@ -25,6 +27,7 @@ __all__ = ["extract_answer", "grade", "accuracy", "evaluate", "teacher_accuracy"
 EVAL_SEED_OFFSET = 7_919  # eval sampling has its own seed: evaluating never moves training RNG
 
 RouteOf = Callable[[PromptRow], str | None]
+T = TypeVar("T")
 
 
 def extract_answer(text: str, pattern: str | None) -> str | None:
@@ -66,6 +69,14 @@ async def grade(
     ]
 
 
+def _gathered(rows: Sequence[PromptRow], results: Sequence[tuple[PromptRow, T]]) -> list[tuple[PromptRow, T]]:
+    """Every process's ``results`` for its share of ``rows``, on every process, in row order."""
+    by_index = {row.index: row for row in rows}
+    shares = distributed.gather([(row.index, value) for row, value in results])
+    merged = sorted((pair for share in shares for pair in share), key=lambda pair: pair[0])
+    return [(by_index[index], value) for index, value in merged]
+
+
 def accuracy(results: Sequence[tuple[PromptRow, bool]]) -> float | None:
     return sum(ok for _, ok in results) / len(results) if results else None
 
@@ -83,12 +94,18 @@ async def evaluate(
     ``score(rollouts)`` routes and scores like training does and returns (rollouts, targets). The
     reverse KL estimate is the mean of ``log π_student(y_t) − log π_teacher(y_t)`` over tokens
     sampled from the student with the run's sampling settings and a fixed seed.
+
+    Under torchrun each process evaluates its share of the rows and every process gets the whole
+    result (each row seeded by its position, so the split changes nothing).
     """
-    graded = await grade(sampler, rows, tokenizer, config)
+    share = distributed.my_share(rows)
+    mine = [row for _, row in share]
+    graded = _gathered(rows, await grade(sampler, mine, tokenizer, config))
     params = config.sampling.params(n=1, max_new_tokens=_max_new_tokens(config))
-    rollouts = await sampler.sample(rows, params, seed=config.seed + EVAL_SEED_OFFSET)
+    seed = config.seed + EVAL_SEED_OFFSET
+    rollouts = await sampler.sample(mine, params, seeds=[sample_seed(seed, position) for position, _ in share])
     kept, targets = await score(rollouts)
-    gaps = [(r.row, r.model_logprobs_C - t.logprobs_C) for r, t in zip(kept, targets, strict=True)]
+    gaps = _gathered(rows, [(r.row, r.model_logprobs_C - t.logprobs_C) for r, t in zip(kept, targets, strict=True)])
 
     def kl(selected: list[torch.Tensor]) -> float | None:
         return float(torch.cat(selected).mean()) if selected else None
@@ -113,19 +130,24 @@ async def evaluate(
 async def teacher_accuracy(
     pool: TeacherPool, rows: Sequence[PromptRow], tokenizer: Any, config: RunConfig
 ) -> dict[str, float | None]:
-    """Each generating teacher's accuracy on the rows routed to it alone, seeing its own prompt."""
+    """Each generating teacher's accuracy on the rows routed to it alone, seeing its own prompt
+    (under torchrun, each process grades its share of the rows)."""
     by_teacher: dict[str, list[PromptRow]] = {}
-    for row in rows:
+    for _, row in distributed.my_share(rows):
         try:
             names = pool.router.route(row)
         except SkipRow:
             continue
         if len(names) == 1:
             by_teacher.setdefault(names[0], []).append(row)
-    results: dict[str, float | None] = {}
+    graded: dict[str, list[tuple[PromptRow, bool]]] = {}
     for name, routed in by_teacher.items():
         teacher = pool.teachers[name]
         if teacher.supports_complete:
-            graded = await grade(teacher, routed, tokenizer, config, teacher_prompt_key=pool.refs[name].prompt_key)
-            results[name] = accuracy(graded)
-    return results
+            graded[name] = await grade(teacher, routed, tokenizer, config, teacher_prompt_key=pool.refs[name].prompt_key)
+    # a process's share may route no row to a teacher: merge by name, not by position
+    merged: dict[str, list[bool]] = {}
+    for share in distributed.gather({name: [ok for _, ok in results] for name, results in graded.items()}):
+        for name, oks in share.items():
+            merged.setdefault(name, []).extend(oks)
+    return {name: sum(oks) / len(oks) if oks else None for name, oks in merged.items()}

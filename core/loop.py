@@ -28,6 +28,7 @@ import attrs
 import structlog
 import torch
 
+from distill import distributed
 from distill.align import build_token_batch
 from distill.config import (
     RunConfig,
@@ -37,7 +38,7 @@ from distill.config import (
     resolve_path,
     trajectory_changes,
 )
-from distill.data import DataCursor, Dataset, derive_seed, load_dataset
+from distill.data import DataCursor, Dataset, derive_seed, load_dataset, sample_seed
 from distill.errors import CheckpointError, ConfigError, DistillError
 from distill.evaluate import evaluate, teacher_accuracy
 from distill.manager import PluginManager
@@ -131,6 +132,13 @@ class _StopFlag:
         self.signum = signum
         log.warning("stop requested, finishing the step and saving a checkpoint", signal=self.requested)
 
+    def agree(self) -> bool:
+        """Whether any process was asked to stop; if so every process stops alike, at this step."""
+        asked = [(name, signum) for name, signum in distributed.gather((self.requested, self.signum)) if name]
+        if asked and self.requested is None:
+            self.requested, self.signum = asked[0]
+        return bool(asked)
+
     def raise_if_requested(self, when: str) -> None:
         if self.requested is not None:
             raise RunInterrupted(
@@ -169,15 +177,28 @@ def _rollouts_from_state(state: Sequence[dict[str, Any]], rows: Sequence[PromptR
 
 
 def _rollout_metrics(rollouts: Sequence[Rollout], scores: Sequence[TeacherScores]) -> dict[str, float]:
+    """The step's rollout metrics, over every process's share."""
     student = torch.cat([r.model_logprobs_C for r in rollouts])
     teacher = torch.cat([s.logprobs_C for s in scores])
+    sums = distributed.sum_values({"gap": float((student - teacher).sum()), "teacher": float(teacher.sum()),
+                                   "tokens": student.numel(), "rollouts": len(rollouts),
+                                   "truncated": sum(not r.finished for r in rollouts)})
     return {
-        "reverse_kl": float((student - teacher).mean()),
-        "teacher_logprob": float(teacher.mean()),
-        "completion_tokens": int(student.numel()),
-        "mean_completion_length": student.numel() / len(rollouts),
-        "truncated_fraction": sum(not r.finished for r in rollouts) / len(rollouts),
+        "reverse_kl": sums["gap"] / sums["tokens"],
+        "teacher_logprob": sums["teacher"] / sums["tokens"],
+        "completion_tokens": int(sums["tokens"]),
+        "mean_completion_length": sums["tokens"] / sums["rollouts"],
+        "truncated_fraction": sums["truncated"] / sums["rollouts"],
     }
+
+
+def _merged_books(books: dict[str, TeacherBook]) -> dict[str, TeacherBook]:
+    """Each teacher's books for the step, over every process's share."""
+    merged: dict[str, TeacherBook] = {}
+    for share in distributed.gather(books):
+        for name, book in share.items():
+            merged.setdefault(name, TeacherBook()).add(book)
+    return merged
 
 
 class Recipe:
@@ -288,8 +309,9 @@ class Recipe:
             vocab_size=model.get_output_embeddings().weight.shape[0],
             hidden=self.context.teacher_signal == "hidden",
         )
+        sinks = config.metrics.sinks if distributed.is_main() else ()  # the main process records for all
         self.sinks = MetricSinks({name: self._build("metric_sink", name, config.metrics.options[name],
-                                                    f"metrics.{name}") for name in config.metrics.sinks})
+                                                    f"metrics.{name}") for name in sinks})
         log.info("components", trainer=config.trainer.backend, loss=config.loss.name, kernel=self.loss_kernel,
                  router=config.router.name, teachers=sorted(teachers))
 
@@ -317,16 +339,22 @@ class Recipe:
         torch.set_num_threads(max(1, threads // 2) if config.train.max_staleness else threads)
         torch.manual_seed(config.seed)
         self.tokenizer = preflight(config, self.manager)  # before any file is written or model loaded
-        self.lock = _lock_output_dir(config)
-        self.status = RunStatus(self.output_dir, config.train.steps)
-        self.status.write("pending")
+        if distributed.is_main():  # the one process that writes the run's files
+            self.lock = _lock_output_dir(config)
+            self.status = RunStatus(self.output_dir, config.train.steps)
+            self.status.write("pending")
+        distributed.barrier()  # the output folder is ours before any process reads checkpoints
         self.checkpoints = self._build("checkpoint_backend", config.checkpoint.backend,
                                        config.checkpoint.options, "checkpoint")
         checkpoint = self._latest_checkpoint()
         if checkpoint is not None:
             self._check_trajectory(checkpoint)
-        self._build_components(checkpoint.model_dir if checkpoint else resolve_path(config.student.model, config))
-        (self.output_dir / "config.json").write_text(json.dumps(display_config(config), indent=1), encoding="utf-8")
+        # a sharded checkpoint's weights load into the student once built (its trainer state)
+        resumed_weights = checkpoint.model_dir if checkpoint else None
+        self._build_components(resumed_weights or resolve_path(config.student.model, config))
+        if distributed.is_main():
+            (self.output_dir / "config.json").write_text(json.dumps(display_config(config), indent=1),
+                                                          encoding="utf-8")
         self._load_data()
         if checkpoint is not None:
             self.trainer.load_state_dict(checkpoint.trainer_state)
@@ -366,7 +394,9 @@ class Recipe:
         return value if isinstance(value, str) else None
 
     async def _score_for_eval(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
-        kept, targets, _ = await self.pool.score(rollouts, self.eval_dropped, hidden=False)
+        dropped: Counter[str] = Counter()
+        kept, targets, _ = await self.pool.score(rollouts, dropped, hidden=False)
+        self.eval_dropped.update(distributed.sum_counters(dropped))
         return kept, targets
 
     async def evaluate(self, step: int) -> dict[str, Any]:
@@ -397,12 +427,16 @@ class Recipe:
         return _Scored(rollouts, kept, scores, books, skipped)
 
     async def _sample_and_score(self, step: int) -> _Scored:
-        """Step ``step``'s rows, sampled with the sampler's current weights, then scored."""
+        """This process's share of step ``step``'s rows, sampled with the sampler's current weights
+        (each row seeded by its position in the step, so any split samples alike), then scored."""
         config = self.config
         rows = [self.train_data.rows[i] for i in self.cursor.take(config.train.prompt_groups_per_step)]
+        share = distributed.my_share(rows)
+        step_seed = derive_seed(config.seed, step)
         params = config.sampling.params(n=config.train.completions_per_prompt)
         with self.clock.phase("sampling"):
-            rollouts = await self.sampler.sample(rows, params, seed=derive_seed(config.seed, step))
+            rollouts = await self.sampler.sample([row for _, row in share], params,
+                                                 seeds=[sample_seed(step_seed, position) for position, _ in share])
         return await self._score(rollouts)
 
     def _train(self, batch: Any) -> dict[str, float]:
@@ -425,11 +459,18 @@ class Recipe:
         else:  # rollouts a checkpoint kept
             scored = await self._score(self.prefetched)
         self.prefetched = None
-        self.skipped.update(scored.skipped)
-        self.pool.record(scored.books)
-        if not scored.kept:
+        self.skipped.update(distributed.sum_counters(scored.skipped))
+        books = _merged_books(scored.books)
+        self.pool.record(books)
+        kept = distributed.gather(len(scored.kept))
+        if not any(kept):
             log.warning("no row of this step could be scored", step=step, skipped=dict(self.skipped))
             return None
+        if not all(kept):  # a process without rows cannot take part in the sharded step
+            raise DistillError(f"Step {step}: no row of process {kept.index(0)}'s share could be scored "
+                               f"(skipped so far: {dict(self.skipped)}), and a process with nothing to train on "
+                               f"cannot take part in a sharded step yet. Run with fewer processes, or fix "
+                               f"what the skip reasons name.")
         batch = build_token_batch(scored.kept, scored.scores, pad_id=self.tokenizer.pad_token_id or 0)
         if config.train.max_staleness and step < config.train.steps:
             train_metrics, self.prefetched = await asyncio.gather(
@@ -439,18 +480,20 @@ class Recipe:
             train_metrics = self._train(batch)
         with clock.phase("weight_sync"):
             await self.sampler.sync_weights(step)
-        self.tokens += batch.num_tokens
+        rollout_metrics = _rollout_metrics(scored.kept, scored.scores)
+        tokens = rollout_metrics["completion_tokens"]
+        self.tokens += tokens
         elapsed = time.perf_counter() - started
         return {
             **train_metrics,
-            **_rollout_metrics(scored.kept, scored.scores),
+            **rollout_metrics,
             "route_skips_total": sum(self.skipped.values()),
-            **{f"teacher/{name}/{key}": value for name, book in scored.books.items()
+            **{f"teacher/{name}/{key}": value for name, book in books.items()
                for key, value in book.as_dict().items()},
             **{f"time_{phase}_s": clock.last.get(phase, 0.0)  # pipelined: the overlapped prefetch's
                for phase in ("sampling", "teacher_scoring", "training", "weight_sync")},
             "time_step_s": elapsed,
-            "tokens_per_s": batch.num_tokens / elapsed,
+            "tokens_per_s": tokens / elapsed,
         }
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:
@@ -458,9 +501,10 @@ class Recipe:
         self.manager.on_step_end(run=self.info, step=step, metrics=metrics)
 
     def save_checkpoint(self) -> None:
+        """Every process saves (sharded, each writes its share of the trainer's state)."""
         with self.clock.phase("checkpoint"):
             uri = self.checkpoints.save(
-                self.step, model=self.trainer.model, tokenizer=self.tokenizer,
+                self.step, model=self.trainer.checkpoint_model(), tokenizer=self.tokenizer,
                 trainer_state=self.trainer.state_dict(), loop_state=self.state_dict(),
             )
         self.manager.on_checkpoint_saved(run=self.info, step=self.step, uri=uri)
@@ -474,23 +518,27 @@ class Recipe:
         """The loop, from the step after the last checkpoint to the end; returns the summary."""
         config = self.config
         every_eval, every_save = config.eval.every_steps, config.checkpoint.every_steps
-        self.status.write("running", step=self.started_from, tokens=self.tokens)
+        if self.status is not None:
+            self.status.write("running", step=self.started_from, tokens=self.tokens)
         with _StopFlag() as stop:
             with self.clock.phase("weight_sync"):
                 await self.sampler.sync_weights(self.started_from)  # a remote server may hold others
             await self.evaluate_before()
             stop.raise_if_requested("before training started")
-            with Progress(config.train.steps, self.started_from, enabled=self.progress) as progress:
+            progress_shown = self.progress if distributed.is_main() else False
+            with Progress(config.train.steps, self.started_from, enabled=progress_shown) as progress:
                 for step in range(self.started_from + 1, config.train.steps + 1):
                     metrics = await self.train_step(step)
                     self.step = step
                     if metrics is not None:
                         self.record(step, metrics)
                     progress.advance(step, metrics)
-                    self.status.advance(step, self.tokens)
+                    if self.status is not None:
+                        self.status.advance(step, self.tokens)
                     if self.eval_rows and every_eval and step % every_eval == 0 and step < config.train.steps:
                         await self.evaluate(step)
-                    if stop.requested or step == config.train.steps or (every_save and step % every_save == 0):
+                    stopping = stop.agree()
+                    if stopping or step == config.train.steps or (every_save and step % every_save == 0):
                         self.save_checkpoint()
                     stop.raise_if_requested(f"after step {step}; the checkpoint is saved")
             if not self.tokens:  # a final model would be the untrained student
@@ -500,8 +548,12 @@ class Recipe:
             if self.eval_rows:
                 self.evaluation["after"] = await self.evaluate(config.train.steps)
             stop.raise_if_requested("during the final evaluation; training is complete and saved")
-        final_uri = self.checkpoints.save_final(model=self.trainer.final_model(), tokenizer=self.tokenizer,
-                                                adapter=self.trainer.final_adapter())
+        final_model, adapter = self.trainer.final_model(), self.trainer.final_adapter()  # sharded: gathered
+        return distributed.from_main(self._finish(final_model, adapter) if distributed.is_main() else None)
+
+    def _finish(self, final_model: Any, adapter: Any) -> dict[str, Any]:
+        """Save the final model and write the summary (the main process)."""
+        final_uri = self.checkpoints.save_final(model=final_model, tokenizer=self.tokenizer, adapter=adapter)
         result = summary(self, final_uri)
         (self.output_dir / "summary.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         self.sinks.write_summary(result)
@@ -550,4 +602,8 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) a distillation; return the summary also written to ``summary.json``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return asyncio.run(_run(Recipe(config, manager, resume=resume, progress=progress)))
+    distributed.start()  # under torchrun with several processes; else nothing
+    try:
+        return asyncio.run(_run(Recipe(config, manager, resume=resume, progress=progress)))
+    finally:
+        distributed.stop()

@@ -78,9 +78,12 @@ class Sampler(Component, Protocol):
     """Samples the student's rollouts."""
 
     async def sample(
-        self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int
+        self, rows: Sequence[PromptRow], params: SamplingParams, *, seeds: Sequence[int]
     ) -> list[Rollout]:
-        """``params.n`` completions per row, grouped by row. Same seed and weights, same result."""
+        """``params.n`` completions per row, grouped by row, row ``i``'s drawn from ``seeds[i]``.
+
+        A row with the same seed and weights gets the same completions whatever else the call
+        holds: a resumed run repeats its steps, and processes sharing a step sample what one would."""
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
         """Greedy completion ids (without prompt), one list per prompt; used by evaluation."""
@@ -202,10 +205,13 @@ class Trainer(Protocol):
     """Owns the student and its optimizer; the loop hands it one step's batch at a time.
 
     ``model`` is the Hugging Face module the student lives in: a local sampler shares it, a remote
-    sampler's ``sync_weights`` reads it, checkpoints save it. A remote trainer (a service with
-    ``forward_backward`` and ``optim_step``, as Tinker and the Fireworks training API have) sends
-    the batch and the loss in ``train_step``, keeps ``model`` a local copy it refreshes after each
-    step (or one a remote sampler never reads), and keeps the service's session in ``state_dict``.
+    sampler's ``sync_weights`` reads it, checkpoints save it. It may be a PEFT model (LoRA): a
+    remote sampler then serves it merged, as :meth:`final_model` exports it, merging copies of one
+    layer at a time so ``model`` never changes (or, with vLLM, loads the adapter alone). A remote
+    trainer (a service with ``forward_backward`` and ``optim_step``, as Tinker and the Fireworks
+    training API have) sends the batch and the loss in ``train_step``, keeps ``model`` a local copy
+    it refreshes after each step (or one a remote sampler never reads), and keeps the service's
+    session in ``state_dict``.
     """
 
     model: Any
@@ -220,8 +226,14 @@ class Trainer(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back :meth:`state_dict`'s state, after the factory loaded the checkpoint's weights."""
 
+    def checkpoint_model(self) -> Any | None:
+        """The module a checkpoint saves (``save_pretrained``): ``model``, or None when the trainer
+        shards it over processes and keeps the weights in its state's :data:`SHARDED` part."""
+        return self.model
+
     def final_model(self) -> Any:
-        """The module the run exports as its final student, loadable with plain ``from_pretrained``."""
+        """The module the run exports as its final student, loadable with plain ``from_pretrained``
+        (every process calls this; only the main process's result is saved)."""
         return self.model
 
     def final_adapter(self) -> Any | None:
@@ -229,13 +241,21 @@ class Trainer(Protocol):
         return None
 
 
+SHARDED = "sharded"
+"""The key of a trainer state's sharded part: state dicts of DTensors that every process holds a
+share of (model and optimizer under FSDP2). A checkpoint backend writes it from every process with
+``torch.distributed.checkpoint``, so it is never gathered whole, and gives it back as a function
+that loads it into state dicts of the same structure, resharded for however many processes read it."""
+
+
 @attrs.frozen(kw_only=True)
 class Checkpoint:
-    """A complete, resumable checkpoint: ``model_dir`` holds Hugging Face weights."""
+    """A complete, resumable checkpoint: ``model_dir`` holds Hugging Face weights, or is None when
+    the weights are in the trainer state's :data:`SHARDED` part (a run sharded over processes)."""
 
     step: int
     uri: str
-    model_dir: str
+    model_dir: str | None
     trainer_state: dict[str, Any]
     loop_state: dict[str, Any]
 
@@ -253,7 +273,9 @@ class CheckpointBackend(Protocol):
         trainer_state: dict[str, Any],
         loop_state: dict[str, Any],
     ) -> str:
-        """Store a complete checkpoint or nothing; return its URI."""
+        """Store a complete checkpoint or nothing; return its URI. Every process calls it (under
+        torchrun): each writes its share of ``trainer_state``'s :data:`SHARDED` part, the main
+        process the rest (``model`` is then None on every process) and commits it."""
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None."""
@@ -261,7 +283,7 @@ class CheckpointBackend(Protocol):
     def save_final(self, *, model: Any, tokenizer: Any, adapter: Any | None = None) -> str:
         """Store the final student where plain ``from_pretrained`` loads it, and ``adapter`` (a PEFT
         model, when the trainer trained one) under ``adapter/`` for ``PeftModel.from_pretrained``;
-        return its URI."""
+        return its URI. The main process alone calls it."""
 
 
 @runtime_checkable

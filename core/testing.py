@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from distill.data import sample_seed
 from distill.scoring import scores_problem
 from distill.types import PromptRow, Rollout, SamplingParams, ScoreFailure, ScoreRequest, TeacherScores
 
@@ -116,12 +117,14 @@ async def check_sampler(
     sampler: Any, *, rows: Sequence[PromptRow] | None = None, params: SamplingParams | None = None, seed: int = 0
 ) -> None:
     """``sample`` returns ``n`` rollouts per row, grouped and in row order, each with 1 to
-    ``max_new_tokens`` ids and one finite logprob of each kind per id; the same seed and weights give
-    the same rollouts; ``complete`` returns one id list per prompt; ``sync_weights`` is awaitable."""
+    ``max_new_tokens`` ids and one finite logprob of each kind per id; the same seeds and weights give
+    the same rollouts, and a row sampled alone gets what it got beside the others; ``complete``
+    returns one id list per prompt; ``sync_weights`` is awaitable."""
     rows = list(rows or default_rows())
     params = params or SamplingParams(max_new_tokens=6, n=2)
+    seeds = [sample_seed(seed, i) for i in range(len(rows))]
     await sampler.sync_weights(0)
-    rollouts = await sampler.sample(rows, params, seed=seed)
+    rollouts = await sampler.sample(rows, params, seeds=seeds)
     if len(rollouts) != params.n * len(rows):
         _fail(f"sample returned {len(rollouts)} rollouts for {len(rows)} rows × n={params.n}", "sample")
     for i, rollout in enumerate(rollouts):
@@ -137,9 +140,13 @@ async def check_sampler(
         _check_logprobs(rollout.model_logprobs_C, ids.shape[0], "model_logprobs_C", where)
         if not isinstance(rollout.finished, bool):
             _fail("finished must be a bool (did the completion end with EOS)", where)
-    again = await sampler.sample(rows, params, seed=seed)
+    again = await sampler.sample(rows, params, seeds=seeds)
     if [r.completion_ids_C.tolist() for r in again] != [r.completion_ids_C.tolist() for r in rollouts]:
-        _fail("the same seed and weights must give the same rollouts (a resumed run repeats its steps)", "sample")
+        _fail("the same seeds and weights must give the same rollouts (a resumed run repeats its steps)", "sample")
+    last = await sampler.sample(rows[-1:], params, seeds=seeds[-1:])
+    if [r.completion_ids_C.tolist() for r in last] != [r.completion_ids_C.tolist() for r in rollouts[-params.n:]]:
+        _fail("a row sampled alone must get the completions it got beside other rows (its seed alone decides "
+              "them, so processes sharing a step sample what one process would)", "sample")
     completions = await sampler.complete([row.prompt_ids for row in rows], max_new_tokens=params.max_new_tokens)
     if len(completions) != len(rows) or not all(
         isinstance(ids, list) and len(ids) <= params.max_new_tokens and all(isinstance(t, int) for t in ids)

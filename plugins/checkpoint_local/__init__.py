@@ -7,21 +7,26 @@ it was written (truncated, bits flipped) stops the run with its name instead of 
 ``fallback = "previous"`` resumes from the newest intact checkpoint instead. Layout::
 
     checkpoints/step-00000040/model/            Hugging Face weights (a LoRA run's: the adapter) + tokenizer
-    checkpoints/step-00000040/trainer_state.pt  optimizer, scheduler, RNG states
+    checkpoints/step-00000040/sharded/          a run sharded over processes: model and optimizer state,
+                                                each process's share (torch.distributed.checkpoint)
+    checkpoints/step-00000040/trainer_state.pt  optimizer (unsharded runs), scheduler, RNG states
     checkpoints/step-00000040/loop_state.json   step, dataset cursor, counters, the run's config
     checkpoints/step-00000040/SHA256SUMS        sha256 of every other file (``sha256sum -c`` reads it)
 
-Temporaries are named after the process writing them (``.tmp-step-00000040-<pid>``); a run removes
-those whose process is gone, never a live one's.
+Temporaries are named after the process writing them (``.tmp-step-00000040-<pid>``, the main
+process's under torchrun); a run removes those whose process is gone, never a live one's. A sharded
+checkpoint reloads under any number of processes: torch.distributed.checkpoint reshards it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +34,13 @@ import attrs
 import structlog
 
 from distill import (
+    SHARDED,
     BuildContext,
     Checkpoint,
     CheckpointBackend,
     CheckpointBackendSpec,
     CheckpointError,
+    distributed,
     folder_problems,
     hookimpl,
     positive,
@@ -155,10 +162,17 @@ class LocalCheckpoints(CheckpointBackend):
         loop_state: dict[str, Any],
     ) -> str:
         import torch
+        import torch.distributed.checkpoint as dcp
 
         name = f"step-{step:08d}"
-        tmp = self._temp(self.root, name)
-        model.save_pretrained(tmp / "model")
+        tmp = distributed.from_main(self._temp(self.root, name) if distributed.is_main() else None)
+        if SHARDED in trainer_state:  # every process writes its share; DCP's last collective commits them
+            dcp.save(trainer_state[SHARDED], checkpoint_id=tmp / SHARDED, no_dist=not distributed.sharded())
+            trainer_state = {key: value for key, value in trainer_state.items() if key != SHARDED}
+        if not distributed.is_main():
+            return distributed.from_main(None)
+        if model is not None:
+            model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "loop_state.json").write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
@@ -170,7 +184,7 @@ class LocalCheckpoints(CheckpointBackend):
         kept = [s for s in steps if s <= step][-self.keep_last :]
         for old in set(steps) - set(kept):
             shutil.rmtree(self.root / f"step-{old:08d}", ignore_errors=True)
-        return str(target)
+        return distributed.from_main(str(target))
 
     def _read(self, step: int) -> Checkpoint:
         """The verified checkpoint of ``step``, or a CheckpointError naming it and what is damaged."""
@@ -186,6 +200,10 @@ class LocalCheckpoints(CheckpointBackend):
                 problem = f"it cannot be read ({exc})"
         if problem is not None:
             raise CheckpointError(f"Checkpoint {path} is damaged: {problem}.")
+        if (path / SHARDED).is_dir():
+            trainer_state[SHARDED] = functools.partial(_load_sharded, path / SHARDED)
+            return Checkpoint(step=step, uri=str(path), model_dir=None, trainer_state=trainer_state,
+                              loop_state=loop_state)
         return Checkpoint(step=step, uri=str(path), model_dir=str(path / "model"),
                           trainer_state=trainer_state, loop_state=loop_state)
 
@@ -215,6 +233,16 @@ class LocalCheckpoints(CheckpointBackend):
         _seal(tmp)
         _replace_dir(tmp, self.final_dir)
         return str(self.final_dir)
+
+
+def _load_sharded(folder: Path, state: dict[str, Any]) -> None:
+    """Fill ``state`` (state dicts shaped like the ones saved) from ``folder``, resharded (in one
+    process, into whole tensors: DCP then warns that it assumes so, which is what we mean)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=folder, no_dist=not distributed.sharded())
 
 
 def _check(options: LocalCheckpointOptions, context: BuildContext) -> list[str]:

@@ -26,7 +26,10 @@ FIREWORKS_TOP_LOGPROBS_CAP = 5
 
 @attrs.frozen(kw_only=True)
 class RemoteOptions:
-    """Where the server is and how hard to try: shared by teachers and the sampler."""
+    """Where the server is, how hard to try and how replies come: shared by teachers and the
+    sampler. ``stream`` asks for server-sent events (Fireworks dialect only), for long requests
+    behind proxies that cut idle connections; the events are assembled into the body a JSON reply
+    would have been and validated the same way."""
 
     base_url: str
     model: str
@@ -40,6 +43,7 @@ class RemoteOptions:
     concurrency: int = attrs.field(default=8, validator=positive)
     max_concurrency: int = attrs.field(default=64, validator=positive)
     adaptive_concurrency: bool = True
+    stream: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -53,17 +57,18 @@ class RemoteTeacherOptions(RemoteOptions):
 class RemoteSamplerOptions(RemoteOptions):
     """``sync`` says how the server takes the trainer's weights after each step: ``vllm`` (write
     them to ``weights_dir``, ``/collective_rpc reload_weights``, reset the prefix cache),
-    ``distill-serve`` (write them, ``POST /distill/v1/load_weights``) or ``none`` (the server's
-    weights never change: off-policy, for debugging). ``server_weights_dir`` is the same folder as
-    the server sees it. After every sync the server's logprobs on a probe sequence must match the
-    trainer's within ``sync_tolerance`` (0 turns the check off). ``stream`` asks for server-sent
-    events (Fireworks dialect), for long generations behind proxies that cut idle connections."""
+    ``distill-serve`` (write them, ``POST /distill/v1/load_weights``), ``vllm-lora`` (a LoRA
+    student's adapter alone, written to a new folder under ``weights_dir`` and loaded with
+    ``/v1/load_lora_adapter`` as ``<model>-lora``, which the sampler then samples with) or ``none``
+    (the server's weights never change: off-policy, for debugging). A LoRA student syncs merged
+    weights with ``vllm`` and ``distill-serve``. ``server_weights_dir`` is the same folder as the
+    server sees it. After every sync the server's logprobs on a probe sequence must match the
+    trainer's within ``sync_tolerance`` (0 turns the check off)."""
 
-    sync: Literal["auto", "vllm", "distill-serve", "none"] = "auto"
+    sync: Literal["auto", "vllm", "distill-serve", "vllm-lora", "none"] = "auto"
     weights_dir: str = ""
     server_weights_dir: str = ""
     sync_tolerance: float = attrs.field(default=1e-3, validator=[finite, non_negative])
-    stream: bool = False
 
     @property
     def sync_kind(self) -> str:
@@ -87,10 +92,17 @@ def _with_dialect(options: Options, backend: str, path: str) -> tuple[Options, l
                      f"backend = \"fireworks\" for a Fireworks server @ {path}.dialect"]
 
 
+def _stream_problems(options: Options, path: str) -> list[str]:
+    if options.stream and options.dialect != "fireworks":
+        return [f"stream = true needs the fireworks dialect (server-sent events in its format) @ {path}.stream"]
+    return []
+
+
 def _check_teacher(backend: str) -> Callable[[RemoteTeacherOptions, BuildContext], list[str]]:
     def check(options: RemoteTeacherOptions, context: BuildContext) -> list[str]:
         """A top-K larger than the dialect returns is a config error naming the cap and the teacher."""
         options, problems = _with_dialect(options, backend, context.path)
+        problems += _stream_problems(options, context.path)
         cap = FIREWORKS_TOP_LOGPROBS_CAP if options.dialect == "fireworks" else options.max_logprobs
         if context.top_k > cap:
             where = "the Fireworks API's cap of 5 top_logprobs" if options.dialect == "fireworks" else (
@@ -113,9 +125,8 @@ def _check_sampler(backend: str) -> Callable[[RemoteSamplerOptions, BuildContext
                     "train.completions_per_prompt": (context.run_config.train.completions_per_prompt, 128)}
             problems += [f"{value} exceeds the Fireworks API's cap of {cap} @ {where}"
                          for where, (value, cap) in caps.items() if value > cap]
-        if options.stream and options.dialect != "fireworks":
-            problems.append(f"stream = true needs the fireworks dialect (server-sent events in its format) "
-                            f"@ {context.path}.stream")
+        problems += _stream_problems(options, context.path)
+        problems += _adapter_sync_problems(options, context)
         if options.dialect == "vllm" and (sampling.temperature, sampling.top_k, sampling.top_p) != (1.0, 0, 1.0):
             problems.append("the vllm dialect returns raw logprobs only, which are the behaviour policy's only at "
                             "temperature 1 with no top_k/top_p: sample with those, or use a fireworks backend "
@@ -123,6 +134,22 @@ def _check_sampler(backend: str) -> Callable[[RemoteSamplerOptions, BuildContext
         return problems
 
     return check
+
+
+def _adapter_sync_problems(options: RemoteSamplerOptions, context: BuildContext) -> list[str]:
+    """``vllm-lora`` needs a vLLM server and a trainer that trains an adapter (the ``torch`` trainer
+    without ``[trainer.lora]`` does not; other trainers are checked once the student is built)."""
+    if options.sync_kind != "vllm-lora":
+        return []
+    problems = []
+    if options.dialect != "vllm":
+        problems.append(f"sync = 'vllm-lora' loads the adapter through vLLM's /v1/load_lora_adapter: use "
+                        f"backend = \"vllm\" @ {context.path}.sync")
+    trainer = context.run_config.trainer
+    if trainer.backend == "torch" and trainer.options.lora is None:
+        problems.append(f"sync = 'vllm-lora' syncs the student's LoRA adapter, but the trainer trains none: add "
+                        f"[trainer.lora], or sync merged weights with sync = 'vllm' @ {context.path}.sync")
+    return problems
 
 
 def _teacher_factory(backend: str) -> Callable[[RemoteTeacherOptions, BuildContext], Any]:

@@ -17,9 +17,10 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -64,38 +65,86 @@ def indexed_choices(body: Any, count: int) -> list[Any]:
     return choices
 
 
+KEEPALIVE_EVENTS = frozenset({"ping", "heartbeat", "keepalive"})
+
+
+def _events(text: str) -> Iterator[tuple[str | None, str]]:
+    """(event name, data) of each complete server-sent event (WHATWG: lines end with CR, LF or
+    CRLF; ``data`` lines join with LF; an event ends at a blank line, so one cut short by the end
+    of the stream is never dispatched)."""
+    name, data = None, []
+    for line in re.split(r"\r\n|\r|\n", text)[:-1]:  # the last is an unfinished line, or empty
+        if not line:
+            if data or name is not None:
+                yield name, "\n".join(data)
+            name, data = None, []
+        elif not line.startswith(":"):  # a comment (a keep-alive)
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                name = value
+
+
 def streamed_body(text: str) -> dict[str, Any]:
     """A streamed reply (server-sent events, Fireworks format) assembled into the body the JSON reply
     would have been, so it is validated the same way: choices by ``index``, texts joined,
-    ``logprobs.content`` concatenated, the last ``finish_reason`` and ``raw_output`` kept. A stream
-    without ``data: [DONE]``, or with a choice that never finished, is truncated."""
+    ``logprobs.content`` concatenated, ``finish_reason`` and ``raw_output`` kept.
+
+    As strict as the SDK's reader, and stricter where it would let a bad sample through: an
+    ``error`` event or a chunk carrying ``error`` is ``invalid:stream_error``; a choice finishing
+    with ``"error"`` is ``invalid:finish_error`` at once; a chunk that is not JSON is ``bad_json``
+    (unless its event is a keep-alive) and one without the chunk's shape, or with tokens for a
+    choice that already finished, is ``invalid:malformed``; a stream without ``data: [DONE]`` (cut
+    off), or with a choice that never finished, is ``invalid:truncated_stream``."""
     head: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
-        if not line.startswith("data:"):
-            continue  # comments, event names, keep-alives
-        data = line[5:].strip()
-        if data == "[DONE]":
+    for event, data in _events(text):
+        if event == "error":
+            raise Invalid("stream_error")
+        if data.strip() == "[DONE]":
             if not choices or any("finish_reason" not in c for c in choices.values()):
                 raise Invalid("truncated_stream")
-            return {**head, "choices": list(choices.values())}
+            return {**head, "choices": [choices[i] for i in sorted(choices)]}
+        if not data.strip():
+            continue
         try:
             chunk = json.loads(data)
-            if chunk.get("error") is not None:
-                raise Invalid("stream_error")
-            head.update((key, value) for key, value in chunk.items() if key != "choices")
-            for part in chunk["choices"]:
-                choice = choices.setdefault(part["index"], {"index": part["index"], "text": ""})
-                choice["text"] += part.get("text") or ""
-                content = (part.get("logprobs") or {}).get("content")
-                if content:
-                    choice.setdefault("logprobs", {"content": []})["content"].extend(content)
-                for key in ("finish_reason", "raw_output"):
-                    if part.get(key) is not None:
-                        choice[key] = part[key]
-        except (KeyError, TypeError, AttributeError):
-            raise Invalid("malformed") from None
+        except json.JSONDecodeError:
+            if event in KEEPALIVE_EVENTS:
+                continue
+            raise
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
+            raise Invalid("malformed")
+        if chunk.get("error") is not None:
+            raise Invalid("stream_error")
+        head.update((key, value) for key, value in chunk.items() if key != "choices")
+        for part in chunk.get("choices", []):
+            _add_part(choices, part)
     raise Invalid("truncated_stream")
+
+
+def _add_part(choices: dict[int, dict[str, Any]], part: Any) -> None:
+    """One chunk's part of a choice added to what came before it."""
+    if not isinstance(part, dict) or not isinstance(part.get("index"), int) or isinstance(part["index"], bool):
+        raise Invalid("malformed")
+    text, logprobs = part.get("text") or "", part.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if (not isinstance(text, str) or not isinstance(logprobs, (dict, type(None)))
+            or not isinstance(content, (list, type(None)))):
+        raise Invalid("malformed")
+    choice = choices.setdefault(part["index"], {"index": part["index"], "text": ""})
+    if "finish_reason" in choice and (text or content):
+        raise Invalid("malformed")  # tokens after the choice finished
+    choice["text"] += text
+    if content:
+        choice.setdefault("logprobs", {"content": []})["content"].extend(content)
+    if part.get("finish_reason") == "error":
+        raise Invalid("finish_error")  # its tokens are not a real sample
+    for key in ("finish_reason", "raw_output"):
+        if part.get(key) is not None:
+            choice[key] = part[key]
 
 
 class RequestFailed(DistillError):
@@ -241,7 +290,8 @@ class JsonClient:
                    not_ready: frozenset[int] = NOT_READY_STATUS) -> T | None:
         """POST ``body``; ``parse(json)`` may raise :class:`Invalid` to have the request retried.
 
-        Without ``parse`` only the status matters (control endpoints may answer with no body).
+        Without ``parse`` only the status matters (control endpoints answer with no body, JSON or
+        plain text, as vLLM's ``/v1/load_lora_adapter`` does).
         ``not_ready`` are the statuses polled as "not ready" (a control endpoint's 404 means it does
         not exist, so its caller passes only 425)."""
         last, attempt, not_ready_since, polls = "unknown", 0, None, 0
@@ -258,10 +308,13 @@ class JsonClient:
                 else:
                     status = response.status_code
                     if status < 300:
+                        if parse is None:  # a control endpoint: its body (JSON, text or none) is not ours to read
+                            self.window.success(time.perf_counter() - started)
+                            return None
                         try:
                             streamed = response.headers.get("content-type", "").startswith("text/event-stream")
                             reply = streamed_body(response.text) if streamed else response.json()
-                            result = parse(reply) if parse else None
+                            result = parse(reply)
                         except json.JSONDecodeError:
                             last = "bad_json"
                         except Invalid as bad:

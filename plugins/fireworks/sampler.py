@@ -10,10 +10,14 @@ tied head) stops the run, rather than letting it train on another policy's sampl
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
-import random
+import posixpath
+import shutil
+import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from distill import (
     Sampler,
     SamplingParams,
     ScoreRequest,
+    distributed,
     final_hidden_states,
     full_logprobs,
     head_weight,
@@ -45,7 +50,7 @@ from distill.plugins.fireworks.client import (
 from distill.plugins.fireworks.teacher import scoring_request
 
 __all__ = ["RemoteSampler", "Sample", "parse_completion_ids", "parse_fireworks_samples", "parse_vllm_samples",
-           "write_weights"]
+           "served_weights", "write_weights"]
 
 log = structlog.get_logger("distill")
 PROBE_LENGTH = 16
@@ -53,7 +58,10 @@ CONTROL_NOT_READY = frozenset({425})  # a sync endpoint's 404 means it does not 
 MISSING_ENDPOINT_HINTS = {  # what to do when the server has no sync endpoint (404)
     "vllm": "; start vLLM with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)",
     "distill-serve": "; point the sampler at a distill-serve server (it serves /distill/v1/load_weights)",
+    "vllm-lora": "; start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (it then serves "
+                 "/v1/load_lora_adapter)",
 }
+ADAPTER_SUFFIX = "-lora"  # sync = "vllm-lora" samples with the adapter named after the server's model
 
 
 @attrs.frozen
@@ -142,9 +150,55 @@ def parse_vllm_samples(body: Any, n: int, max_tokens: int) -> list[Sample]:
     return samples
 
 
+@torch.no_grad()
+def served_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s state dict under the plain model's names, as a server loads it, one tensor at a time.
+
+    A PEFT model (a LoRA student) is given as ``merge_and_unload`` would make it, without touching
+    it: each adapted layer is copied alone and merged by peft as its tensors come, so the trainer
+    keeps its exact weights (merging in place and unmerging is not exact: ``(W + ΔW) − ΔW`` differs
+    from ``W`` in the last bits) and a consumer that moves each tensor off the device holds at most
+    one extra layer there."""
+    if not _is_peft(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = model.get_base_model()
+    wrapped = {name: module for name, module in base.named_modules()
+               if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))}
+    merged: set[str] = set()
+    for key, tensor in base.state_dict().items():
+        parts = key.split(".")
+        owner = next((name for name in (".".join(parts[:i]) for i in range(1, len(parts))) if name in wrapped), None)
+        if owner is None:
+            yield key, tensor
+        elif owner not in merged:  # the outermost wrapper: its first tensor stands for the whole layer
+            merged.add(owner)
+            yield from _merged_copy(wrapped[owner]).state_dict(prefix=f"{owner}.").items()
+
+
+def _is_peft(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model (it cannot be while peft is not even imported)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _merged_copy(module: Any) -> Any:
+    """The plain module a PEFT wrapper stands for, its adapter merged by peft, from a copy."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    module = copy.deepcopy(module)
+    if isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save, trainable tokens
+        return module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+    module.merge()
+    return module.get_base_layer()
+
+
 def write_weights(model: Any, folder: Path) -> None:
-    """Write every parameter as ``model.safetensors``, atomically (a server reading the folder sees
-    the old file or the new one, never half of one).
+    """Write :func:`served_weights` as ``model.safetensors``, atomically (a server reading the
+    folder sees the old file or the new one, never half of one).
 
     A tied head is written under its own name too: vLLM (0.32) reloading in place from a folder
     without ``lm_head.weight`` (as ``save_pretrained`` writes tied models) serves wrong logprobs."""
@@ -152,7 +206,7 @@ def write_weights(model: Any, folder: Path) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in served_weights(model):
         tensor = tensor.detach().cpu()
         tensors[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
         seen.add(tensor.data_ptr())
@@ -207,6 +261,7 @@ class RemoteSampler(Sampler):
         self.syncs = 0
         self.sync_s = 0.0
         self.sync_gap = 0.0
+        self.whole: Any = None  # sharded student: the main process's whole copy, which it writes and probes
 
     @classmethod
     def build(cls, options: Any, context: BuildContext) -> RemoteSampler:
@@ -216,9 +271,14 @@ class RemoteSampler(Sampler):
         if options.sync_kind == "none":
             log.warning("sampler sync = 'none': the server's weights never change, so training is off-policy",
                         model=options.model)
+        if options.sync_kind == "vllm-lora" and not _is_peft(context.student):
+            raise ConfigError([f"sync = 'vllm-lora' loads the trainer's LoRA adapter into vLLM, but the student "
+                               f"is no PEFT model: train LoRA ([trainer.lora]), or sync merged weights with "
+                               f"sync = 'vllm' @ {context.path or 'sampler'}.sync"])
+        adapter = options.sync_kind == "vllm-lora"
         return cls(
             client_for(options, context.seed),
-            model=options.model,
+            model=options.model + ADAPTER_SUFFIX if adapter else options.model,
             dialect=options.dialect or "fireworks",
             student=context.student,
             sync=options.sync_kind,
@@ -275,9 +335,8 @@ class RemoteSampler(Sampler):
     def _path(self) -> str:
         return "/inference/v1/completions" if self.dialect == "fireworks" else "/v1/completions"
 
-    async def sample(self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int) -> list[Rollout]:
-        seeds = random.Random(seed)
-        requests = [self._sample_one(row.prompt_ids, params, seeds.getrandbits(31)) for row in rows]
+    async def sample(self, rows: Sequence[PromptRow], params: SamplingParams, *, seeds: Sequence[int]) -> list[Rollout]:
+        requests = [self._sample_one(row.prompt_ids, params, seed) for row, seed in zip(rows, seeds, strict=True)]
         results = await asyncio.gather(*requests)
         return [
             Rollout(
@@ -296,18 +355,29 @@ class RemoteSampler(Sampler):
         return list(await asyncio.gather(*(self._complete_one(p, max_new_tokens) for p in prompts)))
 
     async def sync_weights(self, step: int) -> None:
-        """Write the weights, have the server reload them, and check it now answers as the trainer."""
+        """Write the weights, have the server reload them, and check it now answers as the trainer.
+
+        With the student sharded over processes (torchrun), every process gathers the weights, the
+        main process alone writes them and has the server reload, and the others wait for it."""
         if self.sync == "none":
             return
         started = time.perf_counter()
-        await asyncio.to_thread(write_weights, self.student, self.weights_dir)
+        if distributed.sharded():
+            await asyncio.to_thread(self._gather_whole)
+            if not distributed.is_main():
+                distributed.barrier()  # sampling before the reload would use the old weights
+                return
         try:
+            if self.sync == "vllm-lora":
+                await self._load_adapter(step)
+            else:
+                await asyncio.to_thread(write_weights, self._local_student, self.weights_dir)
             if self.sync == "vllm":
                 await self.client.post("/collective_rpc", {"method": "reload_weights",
                                                           "kwargs": {"weights_path": self.server_weights_dir}},
                                        not_ready=CONTROL_NOT_READY)
                 await self.client.post("/reset_prefix_cache", None, not_ready=CONTROL_NOT_READY)
-            else:
+            elif self.sync == "distill-serve":
                 await self.client.post("/distill/v1/load_weights", {"path": self.server_weights_dir},
                                        not_ready=CONTROL_NOT_READY)
         except RequestFailed as failed:
@@ -315,15 +385,48 @@ class RemoteSampler(Sampler):
             raise DistillError(f"Weight sync to {self.model!r} failed: {failed}{hint}.") from None
         if self.sync_tolerance:
             await self._check_sync(step)
+        distributed.barrier()
         self.syncs += 1
         self.sync_s += time.perf_counter() - started
+
+    def _gather_whole(self) -> None:
+        """The sharded student's weights gathered whole (every process takes part), loaded into
+        :attr:`whole` on the main process."""
+        from transformers import AutoModelForCausalLM
+
+        state = {name: distributed.full_tensor(tensor).detach().cpu() for name, tensor in self.student.state_dict().items()}
+        if not distributed.is_main():
+            return
+        if self.whole is None:
+            self.whole = AutoModelForCausalLM.from_config(self.student.config, dtype=self.student.dtype)
+        self.whole.load_state_dict(state)
+
+    async def _load_adapter(self, step: int) -> None:
+        """Save the adapter alone to a new folder and have vLLM load it in place of the last one, under
+        the same name; then remove the older folders.
+
+        A new folder every time: vLLM keys cached prefixes by the adapter's name and path, so reloading
+        from the same path would answer cached prompts with the previous weights."""
+        folder = f"adapter-{step}-{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(self.student.save_pretrained, str(self.weights_dir / folder))
+        body = {"lora_name": self.model, "lora_path": posixpath.join(self.server_weights_dir, folder),
+                "load_inplace": True}
+        await self.client.post("/v1/load_lora_adapter", body, not_ready=CONTROL_NOT_READY)
+        for old in self.weights_dir.glob("adapter-*"):
+            if old.name != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @property
+    def _local_student(self) -> Any:
+        """The student whose weights this process writes and probes: whole, never sharded."""
+        return self.whole if self.whole is not None else self.student
 
     async def _check_sync(self, step: int) -> None:
         probe = self.probe
         path, body, parse = scoring_request(self.dialect, self.model,
                                             [ScoreRequest(prompt_ids=tuple(probe[:1]), completion_ids=tuple(probe[1:]))], 0)
         (scores,) = await self._post(path, body, parse)
-        local = await asyncio.to_thread(_local_logprobs, self.student, probe)
+        local = await asyncio.to_thread(_local_logprobs, self._local_student, probe)
         gap = float((scores.logprobs_C - local).abs().max())
         self.sync_gap = max(self.sync_gap, gap)
         if gap > self.sync_tolerance:

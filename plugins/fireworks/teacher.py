@@ -65,7 +65,7 @@ def parse_fireworks_echo(body: Any, sequence: Sequence[int], prompt_len: int, to
                 if len(ranked) < top_k:
                     raise Invalid("missing_top_k")
                 candidates.append(ranked[:top_k])
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise Invalid("malformed") from None
     return _scores(logprobs, candidates if top_k else None)
 
@@ -101,10 +101,11 @@ def parse_vllm_prompt_logprobs(choice: Any, sequence: Sequence[int], prompt_len:
 
 def scoring_request(
     dialect: str, model: str, requests: Sequence[ScoreRequest], top_k: int,
-    resolve: Callable[[Any], int | None] = candidate_id,
+    resolve: Callable[[Any], int | None] = candidate_id, stream: bool = False,
 ) -> tuple[str, dict[str, Any], Callable[[Any], list[TeacherScores]]]:
     """(path, body, parse) of one scoring request: ``fireworks`` takes one sequence, ``vllm`` a batch;
-    ``resolve`` gives a Fireworks top-K candidate's id."""
+    ``resolve`` gives a Fireworks top-K candidate's id; ``stream`` (Fireworks only) asks for
+    server-sent events, which the client assembles into the same body."""
     sequences = [[*r.prompt_ids, *r.completion_ids] for r in requests]
     lengths = [len(r.prompt_ids) for r in requests]
     if dialect == "fireworks":
@@ -113,6 +114,8 @@ def scoring_request(
                 "echo": True, "logprobs": True, "raw_output": True}
         if top_k:
             body["top_logprobs"] = top_k
+        if stream:
+            body["stream"] = True
         return "/inference/v1/completions", body, lambda reply: [parse_fireworks_echo(reply, sequence, prompt_len, top_k, resolve)]
 
     def parse(reply: Any) -> list[TeacherScores]:
@@ -130,13 +133,15 @@ def scoring_request(
 class RemoteTeacher(TeacherScorer):
     """Scores over HTTP (vLLM: ``batch_size`` sequences per request); each request is retried on
     its own, concurrency is bounded by an AIMD window. ``tokenizer`` resolves Fireworks candidates
-    that carry only their text; ``unresolved_candidates`` counts those it could not."""
+    that carry only their text; ``unresolved_candidates`` counts those it could not. ``stream``
+    (Fireworks only) has each reply sent as server-sent events."""
 
     def __init__(
         self, client: JsonClient, *, model: str, dialect: str, max_failures_in_a_row: int, batch_size: int = 16,
-        tokenizer: Any = None,
+        tokenizer: Any = None, stream: bool = False,
     ) -> None:
         self.client = client
+        self.stream = stream
         self.tokenizer = tokenizer
         self.unresolved_candidates = 0
         self.model = model
@@ -150,7 +155,7 @@ class RemoteTeacher(TeacherScorer):
     def build(cls, options: Any, context: BuildContext) -> RemoteTeacher:
         return cls(client_for(options, context.seed), model=options.model, dialect=options.dialect or "fireworks",
                    max_failures_in_a_row=options.max_failures_in_a_row, batch_size=options.batch_size,
-                   tokenizer=context.tokenizer)
+                   tokenizer=context.tokenizer, stream=options.stream)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -174,7 +179,7 @@ class RemoteTeacher(TeacherScorer):
 
     async def _guarded(self, requests: Sequence[ScoreRequest], top_k: int) -> list[TeacherScores | ScoreFailure]:
         try:
-            path, body, parse = scoring_request(self.dialect, self.model, requests, top_k, self._resolve)
+            path, body, parse = scoring_request(self.dialect, self.model, requests, top_k, self._resolve, self.stream)
             scores: list[TeacherScores | ScoreFailure] = list(await self.client.post(path, body, parse))
         except RequestFailed as failed:
             if not failed.retryable:

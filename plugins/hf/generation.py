@@ -2,7 +2,10 @@
 
 Written out rather than calling ``generate`` because the behaviour-policy logprob must be exactly
 the distribution that sampled (``generate`` applies hidden defaults such as ``top_k=50``) and
-sampling must draw from a seeded generator so a resumed run repeats it bit for bit.
+sampling must be seeded so a resumed run repeats it bit for bit. Each prompt draws from its own
+seed (inverse-CDF sampling on uniforms from a generator of its own), so what a prompt samples does
+not depend on the other prompts in the batch (up to rounding in the batched forward pass): split a
+step across processes and each row still gets the completions one process would have given it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def _filter(logits_B_V: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits_B_V
 
 
+def _inverse_cdf(logprobs_B_V: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds each row's uniform: a draw from ``softmax`` of the row.
+    Scaled by the row's total so rounding never runs past the last token; a token of zero
+    probability has an empty interval and is never drawn."""
+    cdf_B_V = logprobs_B_V.double().exp().cumsum(dim=-1)
+    total_B = cdf_B_V[:, -1]
+    target_B = torch.minimum(uniform_B * total_B, torch.nextafter(total_B, torch.zeros_like(total_B)))
+    return torch.searchsorted(cdf_B_V, target_B[:, None], right=True).squeeze(1)
+
+
 def _cache_argument(model: Any) -> str:
     """transformers 5.24 renamed ``past_key_values`` to ``cache``; accept both generations."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -57,11 +70,17 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
-    generator: torch.Generator | None = None,
+    seeds: Sequence[int] = (),
 ) -> list[Generated]:
-    """Sample one completion per prompt (left-padded batch); stop each at EOS or max_new_tokens."""
+    """Sample one completion per prompt (left-padded batch), prompt ``b`` from ``seeds[b]``; stop
+    each at EOS or max_new_tokens."""
     device = model.device
     B = len(prompts)
+    if not greedy and len(seeds) != B:
+        raise ValueError(f"sampling needs one seed per prompt: {B} prompts, {len(seeds)} seeds")
+    # every uniform a prompt can use, drawn up front from its own generator (float64: the CDF is)
+    uniforms_B_T = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(seed),
+                                           dtype=torch.float64) for seed in seeds]) if not greedy else None
     P = max(len(p) for p in prompts)
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)
     attention = torch.zeros((B, P), dtype=torch.long)
@@ -99,9 +118,7 @@ def generate(
                 # unfiltered at temperature 1 the behaviour policy is the model: the same tensor
                 sampling_lp = model_lp if unfiltered else torch.log_softmax(
                     _filter(logits / temperature, top_k, top_p), dim=-1)
-                next_ids = torch.multinomial(
-                    sampling_lp.exp().cpu(), 1, generator=generator
-                ).squeeze(1).to(device)
+                next_ids = _inverse_cdf(sampling_lp, uniforms_B_T[:, t].to(device))
             next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
             tokens.append(next_ids)
             sampling_lps.append(sampling_lp.gather(1, next_ids[:, None]).squeeze(1))

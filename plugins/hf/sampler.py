@@ -2,7 +2,9 @@
 
 When the run pipelines (``train.max_staleness = 1``), the next step is sampled while the trainer
 updates the weights, so the sampler keeps its own copy and ``sync_weights`` copies the trainer's
-weights into it (a memory copy, between steps). Sampling runs in a worker thread either way (torch
+weights into it (a memory copy, between steps). Under torchrun the trainer's model is sharded over
+the processes: each keeps a whole copy to sample with, and ``sync_weights`` gathers the shards into
+it (the cost: one model's memory per process, one all-gather of the weights per step). Sampling runs in a worker thread either way (torch
 releases the GIL), so it overlaps whatever else the event loop runs.
 """
 
@@ -14,8 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from distill import BuildContext, ConfigError, PromptRow, Rollout, Sampler, SamplingParams
+from distill import BuildContext, ConfigError, PromptRow, Rollout, Sampler, SamplingParams, distributed, sample_seed
 from distill.plugins.hf.generation import generate, greedy_complete
 
 __all__ = ["HFSampler"]
@@ -33,32 +36,37 @@ class HFSampler(Sampler):
     def build(cls, options: Any, context: BuildContext) -> HFSampler:
         if context.student is None:
             raise ConfigError(["sampler 'hf' samples from a local student model, none is loaded @ sampler.backend"])
-        if context.run_config.train.max_staleness == 0:
+        sharded = distributed.sharded()
+        if context.run_config.train.max_staleness == 0 and not sharded:
             return cls(context.student, context.tokenizer, options.batch_size)
-        own = copy.deepcopy(context.student).requires_grad_(False)
-        return cls(own, context.tokenizer, options.batch_size, trainer_model=context.student)
+        if sharded:  # a whole copy: decoding through the shards would gather every layer per token
+            own = AutoModelForCausalLM.from_config(context.student.config, dtype=context.student.dtype)
+            own.to(context.student.device)
+        else:
+            own = copy.deepcopy(context.student)
+        return cls(own.requires_grad_(False), context.tokenizer, options.batch_size, trainer_model=context.student)
 
     async def sample(
-        self, rows: Sequence[PromptRow], params: SamplingParams, *, seed: int
+        self, rows: Sequence[PromptRow], params: SamplingParams, *, seeds: Sequence[int]
     ) -> list[Rollout]:
-        return await asyncio.to_thread(self._sample, rows, params, seed)
+        return await asyncio.to_thread(self._sample, rows, params, seeds)
 
-    def _sample(self, rows: Sequence[PromptRow], params: SamplingParams, seed: int) -> list[Rollout]:
-        generator = torch.Generator().manual_seed(seed)
-        jobs = [row for row in rows for _ in range(params.n)]
+    def _sample(self, rows: Sequence[PromptRow], params: SamplingParams, seeds: Sequence[int]) -> list[Rollout]:
+        # completion j of a row: its own seed, from the row's
+        jobs = [(row, sample_seed(seed, j)) for row, seed in zip(rows, seeds, strict=True) for j in range(params.n)]
         rollouts: list[Rollout] = []
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start : start + self.batch_size]
             outputs = generate(
                 self.model,
-                [row.prompt_ids for row in chunk],
+                [row.prompt_ids for row, _ in chunk],
                 max_new_tokens=params.max_new_tokens,
                 eos_id=self.eos_id,
                 pad_id=self.pad_id,
                 temperature=params.temperature,
                 top_k=params.top_k,
                 top_p=params.top_p,
-                generator=generator,
+                seeds=[seed for _, seed in chunk],
             )
             rollouts.extend(
                 Rollout(
@@ -68,20 +76,20 @@ class HFSampler(Sampler):
                     model_logprobs_C=out.model_logprobs_C,
                     finished=out.finished,
                 )
-                for row, out in zip(chunk, outputs, strict=True)
+                for (row, _), out in zip(chunk, outputs, strict=True)
             )
         return rollouts
 
     async def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
-        """Greedy completions (used by evaluation), with the trainer's current weights."""
-        model = self.trainer_model if self.trainer_model is not None else self.model
-        return await asyncio.to_thread(greedy_complete, model, prompts, max_new_tokens, self.eos_id, self.pad_id,
+        """Greedy completions (used by evaluation), with the trainer's weights as last synced."""
+        return await asyncio.to_thread(greedy_complete, self.model, prompts, max_new_tokens, self.eos_id, self.pad_id,
                                        self.batch_size)
 
     async def sync_weights(self, step: int) -> None:
-        """Nothing to do when sharing the trainer's model; else copy its weights into ours."""
+        """Nothing to do when sharing the trainer's model; else copy its weights into ours (sharded:
+        gathered whole, every process at once)."""
         if self.trainer_model is not None:
             with torch.no_grad():
                 for ours, theirs in zip(self.model.parameters(), self.trainer_model.parameters(), strict=True):
-                    ours.copy_(theirs)
+                    ours.copy_(distributed.full_tensor(theirs))
 

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 
-from distill import ScoreRequest
+from distill import ScoreRequest, sample_seed
 from distill.plugins.hf.generation import generate, special_ids
 
 __all__ = ["Limits", "build_app"]
@@ -89,14 +89,15 @@ def _entry(tokenizer: Any, token_id: int, logprob: float, offset: int, candidate
 
 
 def _generate(model: Any, request: dict[str, Any]) -> list[tuple[list[int], list[float], list[float], bool]]:
-    """``n`` samples as (ids, raw logprobs, behaviour logprobs, ended with EOS)."""
+    """``n`` samples as (ids, raw logprobs, behaviour logprobs, ended with EOS), completion ``j``
+    drawn from ``sample_seed(seed, j)``, as the local ``hf`` sampler draws a row's completions."""
     if request["max_tokens"] == 0:
         return [([], [], [], False)] * request["n"]
     eos, pad = special_ids(model)
     outputs = generate(model, [request["prompt"]] * request["n"], max_new_tokens=request["max_tokens"], eos_id=eos,
                        pad_id=pad, temperature=request["temperature"] or 1.0, top_k=request["top_k"],
                        top_p=request["top_p"], greedy=request["temperature"] == 0,
-                       generator=torch.Generator().manual_seed(request["seed"]))
+                       seeds=[sample_seed(request["seed"], j) for j in range(request["n"])])
     return [(out.ids_C.tolist(), out.model_logprobs_C.tolist(), out.sampling_logprobs_C.tolist(), out.finished)
             for out in outputs]
 

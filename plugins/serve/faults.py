@@ -8,9 +8,12 @@ ready), ``500``, ``stall`` (answer after ``stall_s``), ``reset`` (drop the conne
 ``truncate`` (half the body), ``corrupt`` (one scored logprob becomes null), ``finish_error``
 (every choice finishes with ``"error"``). ``omit`` strips optional fields from every answer:
 ``sampling_logprob``, ``usage``, ``candidate_token_id`` (top-K candidates keep only ``token``) or
-``candidate_token_id_as_id`` (their id sent as ``id``); faults that edit an answer read it as
-JSON, so they are for non-streamed requests. ``GET /faults`` reports what was injected.
-The serving app itself knows nothing of this.
+``candidate_token_id_as_id`` (their id sent as ``id``). Every fault applies to streamed requests
+(``stream: true``) too: the injector asks the app for the JSON answer, edits it, and sends it as
+the app's own server-sent events would be. Three faults exist only for streamed requests (a plain
+request never draws them): ``stream_no_done`` (no ``data: [DONE]``), ``stream_unfinished`` (no
+choice gets a ``finish_reason``) and ``stream_bad_chunk`` (the first chunk is not JSON). ``GET
+/faults`` reports what was injected. The serving app itself knows nothing of this.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import time
 from collections import Counter
 from typing import Any
 
-__all__ = ["FAULTS", "OMITTABLE", "FaultPlan", "FaultInjector"]
+from distill.plugins.serve.app import _events
 
-FAULTS = ("429", "429_date", "404", "425", "500", "reset", "stall", "truncate", "corrupt", "finish_error")
+__all__ = ["FAULTS", "OMITTABLE", "STREAM_ONLY", "FaultPlan", "FaultInjector"]
+
+STREAM_ONLY = ("stream_no_done", "stream_unfinished", "stream_bad_chunk")
+FAULTS = ("429", "429_date", "404", "425", "500", "reset", "stall", "truncate", "corrupt", "finish_error", *STREAM_ONLY)
 OMITTABLE = ("sampling_logprob", "usage", "candidate_token_id", "candidate_token_id_as_id")
 COMPLETIONS = "/inference/v1/completions"
-EDITED = ("reset", "truncate", "corrupt", "finish_error")  # faults that rewrite the app's answer
+EDITED = ("reset", "truncate", "corrupt", "finish_error", *STREAM_ONLY)  # faults that rewrite the app's answer
 
 
 class FaultPlan:
@@ -58,9 +64,10 @@ class FaultPlan:
             rates[name.strip()] = float(rate)
         return cls(rates, seed, stall_s, first, omit)
 
-    def draw(self) -> str | None:
+    def draw(self, streamed: bool = False) -> str | None:
+        """The fault for the next request; a stream-only fault is never drawn for a plain one."""
         for name, left in self.first.items():
-            if left:
+            if left and (streamed or name not in STREAM_ONLY):
                 self.first[name] -= 1
                 self.injected[name] += 1
                 return name
@@ -68,6 +75,8 @@ class FaultPlan:
         for name, rate in self.rates.items():
             edge += rate
             if roll < edge:
+                if name in STREAM_ONLY and not streamed:
+                    return None
                 self.injected[name] += 1
                 return name
         return None
@@ -84,15 +93,16 @@ def _corrupted(payload: bytes) -> bytes:
     return json.dumps(body).encode()
 
 
-def _edited(payload: bytes, omit: frozenset[str], finish_error: bool) -> bytes:
-    """The answer without the ``omit`` fields, every choice finishing with "error" if asked."""
+def _edited(payload: bytes, omit: frozenset[str], finish_reason: str | None = "keep") -> bytes:
+    """The answer without the ``omit`` fields, every choice finishing with ``finish_reason`` unless
+    it is "keep"."""
     body = json.loads(payload)
     if "usage" in omit:
         body.pop("usage", None)
     for choice in body["choices"]:
-        if finish_error:
-            choice["finish_reason"] = "error"
-        for entry in choice["logprobs"]["content"]:
+        if finish_reason != "keep":
+            choice["finish_reason"] = finish_reason
+        for entry in (choice.get("logprobs") or {}).get("content") or ():
             if "sampling_logprob" in omit:
                 entry.pop("sampling_logprob", None)
             for candidate in entry.get("top_logprobs") or ():
@@ -115,7 +125,13 @@ class FaultInjector:
             return await _send(send, 200, json.dumps(dict(self.plan.injected)).encode())
         if scope["type"] != "http" or scope["path"] != COMPLETIONS:
             return await self.app(scope, receive, send)
-        fault = self.plan.draw()
+        request = await _read(receive)
+        try:
+            asked = json.loads(request)
+            streamed = isinstance(asked, dict) and bool(asked.get("stream"))
+        except ValueError:
+            streamed = False
+        fault = self.plan.draw(streamed)
         if fault in ("404", "425"):
             return await _send(send, int(fault), b'{"error": {"message": "injected: the deployment is not ready"}}')
         if fault == "429":
@@ -128,7 +144,11 @@ class FaultInjector:
         if fault == "stall":
             await asyncio.sleep(self.plan.stall_s)
         if fault not in EDITED and not self.plan.omit:
-            return await self.app(scope, receive, send)
+            return await self.app(scope, _replay(request, receive), send)
+        if streamed:  # the JSON answer, to edit and then send as the app's events would be
+            request = json.dumps({**asked, "stream": False}).encode()
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                     + [(b"content-length", str(len(request)).encode())]}
         status, chunks = 200, []
 
         async def capture(message: dict[str, Any]) -> None:
@@ -138,14 +158,17 @@ class FaultInjector:
             else:
                 chunks.append(message.get("body", b""))
 
-        await self.app(scope, receive, capture)
+        await self.app(scope, _replay(request, receive), capture)
         payload = b"".join(chunks)
         if status != 200:
             return await _send(send, status, payload)
-        if self.plan.omit or fault == "finish_error":
-            payload = _edited(payload, self.plan.omit, fault == "finish_error")
+        finish = {"finish_error": "error", "stream_unfinished": None}.get(fault, "keep")
+        if self.plan.omit or finish != "keep":
+            payload = _edited(payload, self.plan.omit, finish)
         if fault == "corrupt":
-            return await _send(send, 200, _corrupted(payload))
+            payload = _corrupted(payload)
+        if streamed:
+            return await _send_events(send, fault, [event async for event in _events(json.loads(payload))])
         if fault == "truncate":
             return await _send(send, 200, payload[: len(payload) // 2])
         if fault != "reset":
@@ -154,6 +177,49 @@ class FaultInjector:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
         await send({"type": "http.response.body", "body": b'{"choices": [', "more_body": True})
         raise ConnectionResetError("injected connection reset")
+
+
+async def _send_events(send: Any, fault: str | None, events: list[bytes]) -> None:
+    """The events, less what ``fault`` takes away: the last (``data: [DONE]``), the first chunk's
+    JSON, or the second half of the stream (cut mid-event by ``truncate``, the connection dropped by
+    ``reset``)."""
+    if fault == "stream_no_done":
+        events = events[:-1]
+    elif fault == "stream_bad_chunk":
+        events = [events[0][: len(events[0]) // 2] + b"\n\n", *events[1:]]
+    stream = b"".join(events)
+    if fault in ("truncate", "reset"):
+        stream = stream[: len(stream) // 2]
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": stream, "more_body": fault == "reset"})
+    if fault == "reset":
+        raise ConnectionResetError("injected connection reset")
+
+
+async def _read(receive: Any) -> bytes:
+    """The whole request body."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` once, then what the client sends (its disconnect)."""
+    given = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -24,8 +24,16 @@ from typing import Any, Literal
 
 import attrs
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from distill import (
+    SHARDED,
     BuildContext,
     ConfigError,
     LossKernel,
@@ -33,12 +41,12 @@ from distill import (
     TokenBatch,
     Trainer,
     TrainerSpec,
-    completion_hidden_states,
-    head_weight,
+    distributed,
     hookimpl,
     positive,
     resolve_path,
 )
+from distill.plugins.torch_trainer.sharding import StepForward, gathered_state_dict, shard
 
 __all__ = ["TorchTrainer", "TorchTrainerOptions", "LoraOptions", "resolve_device", "checkpoint_activations"]
 
@@ -97,6 +105,9 @@ class TorchTrainer(Trainer):
         self.options = options
         self.objective = objective
         self.kernel = kernel
+        self.step_forward = StepForward(model, objective, kernel, mixed=options.precision == "bf16-mixed")
+        if distributed.sharded():
+            shard(self.step_forward)  # before the optimizer: it holds the shards
         train = config.train
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -113,6 +124,9 @@ class TorchTrainer(Trainer):
         from transformers import AutoModelForCausalLM
 
         config = context.run_config
+        if options.lora is not None and distributed.sharded():
+            raise ConfigError([f"LoRA does not run sharded over processes yet: train it in one process, or "
+                               f"without [trainer.lora] under torchrun @ {context.path}.lora"])
         dtype = torch.bfloat16 if options.precision == "bf16" else getattr(torch, config.student.dtype)
         # a LoRA checkpoint holds the adapter alone: the base is the student's own folder
         resumed_adapter = Path(context.student_path, _ADAPTER_CONFIG).is_file()
@@ -132,43 +146,45 @@ class TorchTrainer(Trainer):
         return cls(model, config, options, context.objective, kernel)
 
     def train_step(self, batch: TokenBatch) -> dict[str, float]:
-        """Forward/backward over micro-batches, clip, step. Returns token-averaged metrics."""
-        model, train = self.model, self.config.train
-        device = next(model.parameters()).device
-        model.train()
+        """Forward/backward over micro-batches, clip, step. Returns token-averaged metrics.
+
+        Sharded, each process holds its share of the step's rows: the loss is normalised by the
+        whole step's count, and gradients are summed over processes (FSDP averages, so each loss is
+        scaled by the world size), giving one process's gradient. Every process runs as many
+        micro-batches as the busiest one (extra ones weigh zero), as FSDP's collectives require."""
+        train = self.config.train
+        device = next(self.model.parameters()).device
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = batch.num_tokens
-        divisor = {"token": total_tokens, "sequence": batch.num_sequences, "sum": 1}[self.config.loss.normalize]
+        counts = distributed.sum_values({"token": batch.num_tokens, "sequence": batch.num_sequences})
+        divisor = {**counts, "sum": 1}[self.config.loss.normalize] / distributed.world_size()
+        starts = list(range(0, batch.num_sequences, train.micro_batch_size))
+        extra = distributed.max_value(len(starts)) - len(starts)
         sums: dict[str, float] = {"loss": 0.0}
-        weight_V_H = head_weight(model)
-        mixed = self.options.precision == "bf16-mixed"
-        for start in range(0, batch.num_sequences, train.micro_batch_size):
-            micro = batch.select(start, start + train.micro_batch_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
-                hidden_N_H = completion_hidden_states(
-                    model,
-                    micro.input_ids_B_L.to(device),
-                    micro.attention_mask_B_L.to(device),
-                    micro.positions_B_C.to(device),
-                    micro.mask_B_C.to(device),
-                )
-            hidden_N_H = hidden_N_H.to(weight_V_H.dtype)  # bf16-mixed: the kernel sees fp32, as it expects
-            loss_sum, metric_sums = self.objective.loss(hidden_N_H, weight_V_H, self.kernel, _on(micro, device))
-            (loss_sum / divisor).backward()
-            sums["loss"] += float(loss_sum.detach())
+        for start, weight in [*((start, 1.0) for start in starts), *[(0, 0.0)] * extra]:
+            micro = _on(batch.select(start, start + train.micro_batch_size), device)
+            loss_sum, metric_sums = self.step_forward(micro)
+            (loss_sum * weight / divisor).backward()
+            sums["loss"] += weight * float(loss_sum.detach())
             for name, value in metric_sums.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums.get(name, 0.0) + weight * float(value)
         # max_norm=inf measures the norm without clipping
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, train.max_grad_norm or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        metrics = {name: value / max(1, total_tokens) for name, value in sums.items()}
-        metrics.update(grad_norm=float(grad_norm), learning_rate=lr)
+        sums = distributed.sum_values(sums)
+        metrics = {name: value / max(1, counts["token"]) for name, value in sums.items()}
+        metrics.update(grad_norm=float(distributed.full_tensor(grad_norm)), learning_rate=lr)
         return metrics
+
+    def checkpoint_model(self) -> Any | None:
+        return None if distributed.sharded() else self.model  # sharded: in the state's SHARDED part
 
     def final_model(self) -> Any:
         """With LoRA, the adapter merged into a copy, so ``model`` keeps the adapter to save beside it."""
+        if distributed.sharded():
+            return self._whole()
         if self.options.lora is None:
             return self.model
         return copy.deepcopy(self.model).merge_and_unload()
@@ -176,16 +192,41 @@ class TorchTrainer(Trainer):
     def final_adapter(self) -> Any | None:
         return self.model if self.options.lora is not None else None
 
+    def _whole(self) -> Any:
+        """The sharded student gathered into a plain copy on the main process (None elsewhere)."""
+        from transformers import AutoModelForCausalLM
+
+        state = gathered_state_dict(self.model)
+        if not distributed.is_main():
+            return None
+        whole = AutoModelForCausalLM.from_config(self.model.config, dtype=next(iter(state.values())).dtype)
+        whole.load_state_dict(state)
+        return whole
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": list(random.getstate()[1]),
-        }
+        """Optimizer state keyed by parameter name, so a checkpoint resumes under any number of
+        processes. Sharded, the weights and the optimizer state stay in shards (``SHARDED``)."""
+        state = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "python_rng": list(random.getstate()[1])}
+        if distributed.sharded():
+            state[SHARDED] = self._sharded_state()
+        else:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
+
+    def _sharded_state(self) -> dict[str, Any]:
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if SHARDED in state:  # a sharded checkpoint, loaded into our shards (or whole tensors), resharded
+            sharded = self._sharded_state()
+            state[SHARDED](sharded)
+            set_model_state_dict(self.model, sharded["model"])
+            set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate((3, tuple(state["python_rng"]), None))
@@ -234,15 +275,45 @@ def _unmatched_targets(lora: LoraOptions, context: BuildContext) -> list[str]:
             if not any(name == target or name.endswith(f".{target}") for name in names)]
 
 
+def _without_bf16(device: str) -> str | None:
+    """Why ``device`` cannot compute in bfloat16 on this machine, or None when it can. A CPU always
+    can; CUDA (and XPU) answer through their torch module's ``is_bf16_supported`` for that device,
+    which starts the runtime; a type whose module cannot answer is refused, not guessed."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"torch knows no device {device!r}"
+    if parsed.type == "cpu":
+        return None
+    backend = getattr(torch, parsed.type, None)
+    if getattr(backend, "is_bf16_supported", None) is None:
+        return f"distill cannot tell whether {device!r} has it (torch.{parsed.type} has no is_bf16_supported)"
+    count = backend.device_count()
+    index = parsed.index or 0
+    if count == 0:
+        return f"this machine has no {parsed.type} device (torch finds none) for {device!r}"
+    if index >= count:
+        return (f"this machine has {count} {parsed.type} device(s), {parsed.type}:0 to {parsed.type}:{count - 1}, "
+                f"not {device!r}")
+    with backend.device(index):
+        if backend.is_bf16_supported():
+            return None
+    return f"{device!r} has none (torch.{parsed.type}.is_bf16_supported() is false there)"
+
+
 def _check(options: TorchTrainerOptions, context: BuildContext) -> list[str]:
-    """Precision sets the weights' dtype itself: a non-fp32 ``student.dtype`` beside it is ambiguous.
-    LoRA needs peft, a warm start a PEFT adapter folder, and each target module a match; each
-    would fail only once models load."""
+    """Precision sets the weights' dtype itself: a non-fp32 ``student.dtype`` beside it is ambiguous,
+    and bf16 needs a device that has it. LoRA needs peft, a warm start a PEFT adapter folder, and
+    each target module a match; each would fail only once models load."""
     problems = []
     dtype = context.run_config.student.dtype
     if options.precision != "fp32" and dtype != "float32":
         problems.append(f"precision '{options.precision}' chooses the weights' dtype itself, but student.dtype is "
                         f"'{dtype}': leave student.dtype at 'float32' or set precision = 'fp32' @ {context.path}.precision")
+    device = resolve_device(options.device, context.run_config.student.device)
+    if options.precision != "fp32" and (why := _without_bf16(device)):
+        problems.append(f"precision '{options.precision}' computes in bfloat16, but {why}: set precision = 'fp32' "
+                        f"or choose another trainer.device @ {context.path}.precision")
     if options.lora is not None:
         if importlib.util.find_spec("peft") is None:
             problems.append(f"LoRA trains through peft, which is not installed: pip install 'distill[lora]' "

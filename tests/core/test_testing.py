@@ -98,11 +98,24 @@ def test_a_sampler_that_ignores_its_seed_is_caught(tiny_models):
     original = sampler.sample
     calls = iter(range(100))
 
-    async def unseeded(rows, params, *, seed):
-        return await original(rows, params, seed=seed + next(calls))
+    async def unseeded(rows, params, *, seeds):
+        return await original(rows, params, seeds=[seed + next(calls) for seed in seeds])
 
     sampler.sample = unseeded
-    with pytest.raises(AssertionError, match="same seed and weights must give the same rollouts"):
+    with pytest.raises(AssertionError, match="same seeds and weights must give the same rollouts"):
+        asyncio.run(check_sampler(sampler, params=SamplingParams(max_new_tokens=6, n=4)))
+
+
+def test_a_sampler_whose_rows_share_one_random_stream_is_caught(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    sampler = HFSampler(model, AutoTokenizer.from_pretrained(tiny_models["tokenizer"]), batch_size=3)
+    original = sampler.sample
+
+    async def one_stream(rows, params, *, seeds):  # every row seeded from the call's first seed
+        return await original(rows, params, seeds=[seeds[0] + i for i in range(len(rows))])
+
+    sampler.sample = one_stream
+    with pytest.raises(AssertionError, match="a row sampled alone must get the completions it got beside"):
         asyncio.run(check_sampler(sampler, params=SamplingParams(max_new_tokens=6, n=4)))
 
 

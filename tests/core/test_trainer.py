@@ -1,6 +1,7 @@
-"""The trainer's claims, checked: micro-batching never changes the gradient, ``normalize = "sum"``
-and ``"sequence"`` are the token-normalised gradient rescaled, gradient checkpointing changes no
-gradient, bf16-mixed follows fp32's loss, each schedule gives its learning rates, LoRA options
+"""The trainer's claims, checked: with every default it is the plain step it replaced, bit for bit;
+micro-batching never changes the gradient, ``normalize = "sum"`` and ``"sequence"`` are the
+token-normalised gradient rescaled, gradient checkpointing changes no gradient, bf16-mixed follows
+fp32's loss, each schedule gives its learning rates, bf16 on a device without it and LoRA options
 are checked at config time, and a third-party trainer backend is selected by config (LoRA training
 itself: tests/e2e/test_lora.py)."""
 
@@ -8,18 +9,21 @@ import math
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill import completion_hidden_states, head_weight
 from distill.align import build_token_batch
-from distill.config import parse_config
+from distill.config import config_context, load_config, parse_config
 from distill.errors import ConfigError
 from distill.plugins.losses.objectives import SampledReverseKL, SampledReverseKLOptions
 from distill.plugins.losses.reference import REFERENCE_KERNEL
 from distill.plugins.torch_trainer import TorchTrainer, TorchTrainerOptions, checkpoint_activations
 from distill.types import BuildContext, PromptRow, Rollout, TeacherScores
 
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "arithmetic"
 RAW = {"student": {"model": "s"}, "data": {"train": "t.jsonl"}, "teachers": [{"backend": "hf", "model": "t"}]}
 
 
@@ -54,6 +58,50 @@ def _gradients(tiny_models, config, dtype=torch.float64, **options):
     trainer = _trainer(tiny_models, config, dtype, **options)
     metrics = trainer.train_step(_batch(trainer.model.config.vocab_size))
     return [p.grad.clone() for p in trainer.parameters], metrics
+
+
+@pytest.mark.slow
+def test_the_default_torch_trainer_is_the_plain_step_bit_for_bit(manager, tmp_path):
+    """With every default, 20 steps of the ``torch`` trainer, built by its factory as a run builds
+    it, leave the demo student's weights bit for bit where the step distill took before trainers
+    were a component leaves them (089dad5's core/trainer.py, written out below): one forward to the
+    completion hidden states, the objective through the same kernel, the sum over the step's
+    tokens, clipping, AdamW and the schedule. 20 fixed batches; the schedule warms up and decays."""
+    config = load_config(DEMO / "opd.toml", manager, [f"output_dir='{tmp_path}'", "train.steps=20",
+                                                      "train.warmup_steps=5"])
+    train = config.train
+    assert config.trainer.options == TorchTrainerOptions() and train.max_grad_norm > 0
+    context = config_context(config, manager)
+    objective = manager.build("loss", config.loss.name, config.loss.options, context)
+    trainer = manager.build("trainer", "torch", config.trainer.options, attrs.evolve(
+        context, path="trainer", student_path=str(DEMO / "student"), objective=objective,
+        kernel_for=lambda device, dtype: manager.select_loss_kernel(
+            loss=config.loss.name, kernel=config.loss.kernel, device=device, dtype=dtype)))
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO / "student", dtype=torch.float32)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, betas=train.adam_betas,
+                                  eps=train.adam_eps, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_factor)
+    start = [p.clone() for p in parameters]
+    for seed in range(20):
+        batch = _batch(model.config.vocab_size, seed)
+        assert batch.num_sequences <= train.micro_batch_size  # one micro-batch, as in the plain step
+        trainer.train_step(batch)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        hidden_N_H = completion_hidden_states(model, batch.input_ids_B_L, batch.attention_mask_B_L,
+                                              batch.positions_B_C, batch.mask_B_C)
+        loss_sum, _ = objective.loss(hidden_N_H, head_weight(model), trainer.kernel, batch)
+        (loss_sum / batch.num_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+    trained = list(trainer.model.parameters())
+    assert [p.shape for p in trained] == [p.shape for p in parameters]
+    assert all(torch.equal(a, b) for a, b in zip(trained, parameters, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(start, parameters, strict=True))  # every weight moved
 
 
 def test_micro_batching_never_changes_the_gradient(tiny_models, manager):
@@ -134,6 +182,23 @@ def test_the_torch_trainer_is_the_default_and_its_options_are_checked(manager):
     assert err.value.problems == [
         "precision 'bf16' chooses the weights' dtype itself, but student.dtype is 'bfloat16': leave "
         "student.dtype at 'float32' or set precision = 'fp32' @ trainer.precision"]
+
+
+@pytest.mark.parametrize(("device", "why"), [
+    ("cuda:7", "this machine has "),  # no CUDA here; on a GPU machine, fewer than 8 of them
+    ("xla", "distill cannot tell whether 'xla' has it (torch.xla has no is_bf16_supported)"),
+    ("tpu", "torch knows no device 'tpu'"),
+])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_bf16_on_a_device_without_it_is_a_config_error(manager, precision, device, why):
+    """bf16 on a device that lacks it, or that torch cannot vouch for, is refused with its path (a CPU
+    always has it). A CUDA device that is present but lacks bf16 (pre-Ampere) is not mocked here."""
+    with pytest.raises(ConfigError) as err:
+        parse_config({**RAW, "trainer": {"precision": precision, "device": device}}, manager)
+    [problem] = err.value.problems
+    assert problem.startswith(f"precision '{precision}' computes in bfloat16, but {why}")
+    assert problem.endswith(": set precision = 'fp32' or choose another trainer.device @ trainer.precision")
+    parse_config({**RAW, "trainer": {"precision": precision, "device": "cpu"}}, manager)
 
 
 def test_lora_options_are_checked_at_config_time(manager, monkeypatch, tmp_path):

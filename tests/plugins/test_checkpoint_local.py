@@ -11,6 +11,7 @@ import torch
 from structlog.testing import capture_logs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill import SHARDED
 from distill.errors import CheckpointError
 from distill.plugins.checkpoint_local import MANIFEST, LocalCheckpoints
 
@@ -158,3 +159,22 @@ def test_fallback_previous_with_every_checkpoint_damaged_stops(tmp_path, model_a
         store.latest()
     assert str(err.value) == (f"Every checkpoint under {tmp_path / 'ckpt'} is damaged (see the warnings above). "
                               "Delete them to start afresh, or choose another output_dir.")
+
+
+def test_a_sharded_state_is_written_with_dcp_sealed_and_loaded_back_through_its_function(tmp_path, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    store = LocalCheckpoints(tmp_path / "ckpt", tmp_path / "final", keep_last=2)
+    sharded = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "optimizer": {"state": {"w": {"step": torch.tensor(4.0)}}}}
+    store.save(7, model=None, tokenizer=tokenizer, trainer_state={SHARDED: sharded, "scheduler": {"n": 7}},
+               loop_state={"step": 7})
+    folder = tmp_path / "ckpt" / "step-00000007"
+    assert ".metadata" in (folder / MANIFEST).read_text() and not (folder / "model" / "config.json").exists()
+    latest = store.latest()
+    assert latest.model_dir is None and latest.trainer_state["scheduler"] == {"n": 7}
+    into = {"model": {"w": torch.zeros(2, 3)}, "optimizer": {"state": {"w": {"step": torch.tensor(0.0)}}}}
+    latest.trainer_state[SHARDED](into)
+    assert torch.equal(into["model"]["w"], sharded["model"]["w"])
+    assert float(into["optimizer"]["state"]["w"]["step"]) == 4.0
+    (folder / "sharded" / "__0_0.distcp").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="sharded/__0_0.distcp does not match its sha256"):
+        store.latest()

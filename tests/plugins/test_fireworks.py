@@ -82,9 +82,12 @@ def test_models_and_health_endpoints(server):
     assert httpx.get(f"{server}/v1/models").json()["data"][0]["object"] == "model"
 
 
-def test_remote_scores_match_the_local_teacher(server, tiny_models):
+@pytest.mark.parametrize("stream", [False, True])
+def test_remote_scores_match_the_local_teacher(server, tiny_models, stream):
     local = HFTeacher(AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]), None, batch_size=8)
-    asyncio.run(check_same_scores(_remote(server), local, top_k=5, requests=REQUESTS))
+    teacher = _remote(server, stream=stream)
+    asyncio.run(check_same_scores(teacher, local, top_k=5, requests=REQUESTS))
+    assert teacher.counters()["failed_attempts"] == {}
 
 
 def test_a_refused_request_fails_fast_with_the_servers_message(server):
@@ -178,6 +181,15 @@ def test_top_k_above_the_dialect_cap_is_a_config_error(manager):
     with pytest.raises(ConfigError) as err:
         parse_config(raw, manager)
     assert err.value.problems == ["top_k 8 exceeds the Fireworks API's cap of 5 top_logprobs for teacher 'm' (teachers[0]) @ loss.top_k"]
+
+
+def test_a_streaming_teacher_needs_the_fireworks_dialect(manager):
+    raw = {"student": {"model": "s"}, "data": {"train": "t"},
+           "teachers": [{"backend": "vllm", "base_url": "http://x", "model": "m", "stream": True}]}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, manager)
+    assert err.value.problems == ["stream = true needs the fireworks dialect (server-sent events in its format) "
+                                  "@ teachers[0].stream"]
 
 
 @pytest.mark.slow
@@ -436,3 +448,69 @@ def test_retry_after_reads_seconds_and_http_dates():
     assert _retry_after(reply(None)) is None and _retry_after(reply("soon")) is None
     assert 8 < _retry_after(reply(email.utils.formatdate(time.time() + 10, usegmt=True))) <= 10
     assert _retry_after(reply(email.utils.formatdate(time.time() - 60, usegmt=True))) == 0.0
+
+
+# One of each fault a streamed reply can carry: cut before ``data: [DONE]``, no choice finished, a
+# chunk that is not JSON, cut mid-event, a choice finishing with "error", a null logprob, a dropped
+# connection. Each is one failed attempt, retried and counted by its reason.
+STREAM_FAULTS = ("stream_no_done", "stream_unfinished", "stream_bad_chunk", "truncate", "finish_error", "corrupt",
+                 "reset")
+STREAM_FAILURES = {"invalid:truncated_stream": 3, "bad_json": 1, "invalid:finish_error": 1,
+                   "invalid:non_finite_logprob": 1, "transport:RemoteProtocolError": 1}
+
+
+def _first(faults):
+    return tuple(arg for fault in faults for arg in ("--first", f"{fault}=1"))
+
+
+def test_a_plain_request_never_draws_a_stream_only_fault():
+    from distill.plugins.serve.faults import FaultPlan
+
+    plan = FaultPlan({"stream_no_done": 1.0}, seed=0, stall_s=0, first={"stream_unfinished": 1, "500": 1})
+    assert [plan.draw(streamed=False), plan.draw(streamed=False), plan.draw(streamed=True),
+            plan.draw(streamed=True)] == ["500", None, "stream_unfinished", "stream_no_done"]
+    assert plan.injected == {"500": 1, "stream_unfinished": 1, "stream_no_done": 1}
+
+
+def test_streamed_scores_are_validated_as_strictly_and_each_bad_stream_is_retried_and_counted(tiny_models):
+    scores, counters, injected, _ = _faulty_teacher_scores(tiny_models, _first(STREAM_FAULTS), max_attempts=8,
+                                                           stream=True)
+    assert injected == dict.fromkeys(STREAM_FAULTS, 1)
+    assert counters["failed_attempts"] == STREAM_FAILURES
+    assert counters["dropped"] == {}
+    _assert_same(scores, _local_scores(tiny_models))
+
+
+def test_streamed_samples_are_validated_as_strictly_and_each_bad_stream_is_retried_and_counted(tiny_models, tmp_path):
+    from distill.plugins.fireworks import RemoteSamplerOptions
+    from distill.plugins.fireworks.sampler import RemoteSampler
+    from distill.types import PromptRow, SamplingParams
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    rows = [PromptRow(index=i, messages=(), prompt_ids=r.prompt_ids) for i, r in enumerate(REQUESTS)]
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, n=2)
+
+    async def sample(base):
+        options = RemoteSamplerOptions(base_url=base, model="tiny", backoff_base_s=0.01, max_attempts=8, stream=True)
+        sampler = RemoteSampler.build(options, BuildContext(run_config=None, output_dir=tmp_path, seed=0,
+                                                            device="cpu", student=student))
+        try:
+            return await sampler.sample(rows, params, seeds=[11, 12, 13]), sampler.counters()["failed_attempts"]
+        finally:
+            await sampler.aclose()
+
+    proc, base = _serve(tiny_models["student"], faults=_first(STREAM_FAULTS))
+    try:
+        faulty, failed = asyncio.run(sample(base))
+        clean, none_failed = asyncio.run(sample(base))  # the faults are used up: the same seeds again
+        injected = httpx.get(f"{base}/faults").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert injected == dict.fromkeys(STREAM_FAULTS, 1)
+    assert (failed, none_failed) == (STREAM_FAILURES, {})
+    assert len(faulty) == len(rows) * params.n
+    for have, want in zip(faulty, clean, strict=True):  # a retried request gives the sample it would have
+        assert have.completion_ids_C.tolist() == want.completion_ids_C.tolist()
+        assert have.sampling_logprobs_C.tolist() == want.sampling_logprobs_C.tolist()
+        assert have.model_logprobs_C.tolist() == want.model_logprobs_C.tolist()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.plugins.hf.generation import generate
+from distill.plugins.hf.generation import _inverse_cdf, generate
 from distill.plugins.hf.sampler import HFSampler
 from distill.plugins.hf.teacher import HFTeacher
 from distill.types import PromptRow, SamplingParams, ScoreRequest
@@ -30,9 +30,10 @@ def _forward_logprobs(model, prompt, completion):
     return torch.log_softmax(logits, -1)[len(prompt) - 1 : len(prompt) + len(completion) - 1]
 
 
-def _sample(model, **kwargs):
-    return generate(model, PROMPTS, max_new_tokens=6, eos_id=1, pad_id=0,
-                    generator=torch.Generator().manual_seed(kwargs.pop("seed", 0)), **kwargs)
+def _sample(model, prompts=PROMPTS, **kwargs):
+    seed = kwargs.pop("seed", 0)
+    return generate(model, prompts, max_new_tokens=6, eos_id=1, pad_id=0,
+                    seeds=[seed * 100 + len(p) for p in prompts], **kwargs)
 
 
 def test_untempered_sampling_logprobs_match_a_teacher_forced_forward(model):
@@ -74,6 +75,23 @@ def test_sampling_is_deterministic_for_a_seed(model):
     assert [o.ids_C.tolist() for o in first] != [o.ids_C.tolist() for o in other]
 
 
+def test_a_prompt_samples_the_same_alone_as_in_a_batch(model):
+    together = _sample(model, seed=3, temperature=0.9)
+    alone = [_sample(model, [prompt], seed=3, temperature=0.9)[0] for prompt in PROMPTS]
+    assert [o.ids_C.tolist() for o in together] == [o.ids_C.tolist() for o in alone]
+
+
+def test_inverse_cdf_draws_each_token_in_proportion_and_never_a_masked_one():
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.25])
+    n = 4096
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # evenly spread: exact proportions
+    uniforms = torch.cat([uniforms, torch.tensor([1.0 - 2**-53])])  # the largest uniform rand gives
+    ids = _inverse_cdf(probs.log().expand(n + 1, 4), uniforms)
+    counts = torch.bincount(ids[:n], minlength=4).tolist()
+    assert counts == [n // 2, 0, n // 4, n // 4]
+    assert int(ids[n]) == 3
+
+
 def test_eos_ends_and_flags_a_completion_and_max_tokens_truncates(model):
     greedy = generate(model, PROMPTS[:1], max_new_tokens=4, eos_id=1, pad_id=0, greedy=True)[0]
     first_token = int(greedy.ids_C[0])
@@ -87,9 +105,9 @@ def test_sampler_groups_n_completions_per_row(model, tokenizer):
     rows = [PromptRow(index=i, messages=(), prompt_ids=p)
             for i, p in enumerate(PROMPTS)]
     sampler = HFSampler(model, tokenizer, batch_size=4)  # chunks of 4 across rows
-    rollouts = asyncio.run(sampler.sample(rows, SamplingParams(max_new_tokens=3, n=2), seed=1))
+    rollouts = asyncio.run(sampler.sample(rows, SamplingParams(max_new_tokens=3, n=2), seeds=[1, 2, 3]))
     assert [r.row.index for r in rollouts] == [0, 0, 1, 1, 2, 2]
-    again = asyncio.run(sampler.sample(rows, SamplingParams(max_new_tokens=3, n=2), seed=1))
+    again = asyncio.run(sampler.sample(rows, SamplingParams(max_new_tokens=3, n=2), seeds=[1, 2, 3]))
     assert [r.completion_ids_C.tolist() for r in rollouts] == [r.completion_ids_C.tolist() for r in again]
 
 

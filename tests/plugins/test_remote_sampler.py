@@ -58,8 +58,10 @@ def test_samples_carry_the_servers_raw_and_behaviour_logprobs_exactly(student_se
     async def scenario():
         sampler = _sampler(student_server, student, tmp_path)
         try:
-            return (await sampler.sample(ROWS, params, seed=11), await sampler.sample(ROWS, params, seed=11),
-                    await sampler.sample(ROWS, params, seed=12), await sampler.complete(PROMPTS, max_new_tokens=5))
+            return (await sampler.sample(ROWS, params, seeds=range(11, 15)),
+                    await sampler.sample(ROWS, params, seeds=range(11, 15)),
+                    await sampler.sample(ROWS, params, seeds=range(12, 16)),
+                    await sampler.complete(PROMPTS, max_new_tokens=5))
         finally:
             await sampler.aclose()
 
@@ -90,7 +92,7 @@ def test_weight_sync_serves_the_trained_weights_and_a_stale_server_is_caught(stu
             with pytest.raises(DistillError, match="not serving the trained weights"):
                 await sampler._check_sync(1)  # the server still holds the step-0 weights
             await sampler.sync_weights(1)
-            return sampler.counters(), await sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seed=0)
+            return sampler.counters(), await sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seeds=range(4))
         finally:
             await sampler.aclose()
 
@@ -156,7 +158,7 @@ def test_injected_faults_on_sampling_are_retried_and_counted_exactly(tiny_models
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
     try:
         sampler = _sampler(base, student, tmp_path, timeout_s=3, max_attempts=12)
-        rollouts = asyncio.run(sampler.sample(ROWS * 6, SamplingParams(max_new_tokens=6, n=2), seed=3))
+        rollouts = asyncio.run(sampler.sample(ROWS * 6, SamplingParams(max_new_tokens=6, n=2), seeds=range(3, 27)))
         injected = httpx.get(f"{base}/faults").json()
     finally:
         proc.terminate()
@@ -178,7 +180,7 @@ def test_a_student_server_that_stays_down_stops_the_run_with_a_clear_message(tin
     sampler = _sampler(f"http://127.0.0.1:{_free_port()}", AutoModelForCausalLM.from_pretrained(tiny_models["student"]),
                        tmp_path, max_attempts=2)
     with pytest.raises(DistillError, match="student's server 'tiny' failed: .* The last checkpoint is intact"):
-        asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=4), seed=0))
+        asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=4), seeds=range(4)))
 
 
 def _choice(index, ids, logprobs=None, sampling=None, finish="stop"):
@@ -322,11 +324,11 @@ def test_without_sampling_logprob_the_raw_logprob_is_used_only_where_it_is_the_b
                                                         "--first", "finish_error=1"))
     try:
         sampler = _sampler(base, student, tmp_path)
-        rollouts = asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seed=0))
+        rollouts = asyncio.run(sampler.sample(ROWS, SamplingParams(max_new_tokens=6, n=2), seeds=range(4)))
         counters = sampler.counters()
         with pytest.raises(DistillError) as stopped:
             asyncio.run(_sampler(base, student, tmp_path).sample(ROWS, SamplingParams(max_new_tokens=6, temperature=0.7),
-                                                                 seed=0))
+                                                                 seeds=range(4)))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -347,7 +349,7 @@ def test_streamed_sampling_gives_the_same_samples_and_a_cut_stream_is_retried(st
     async def scenario(stream):
         sampler = _sampler(student_server, student, tmp_path, stream=stream)
         try:
-            return await sampler.sample(ROWS, params, seed=4), sampler.counters()
+            return await sampler.sample(ROWS, params, seeds=range(4, 8)), sampler.counters()
         finally:
             await sampler.aclose()
 
@@ -388,3 +390,123 @@ def test_sampling_beyond_the_fireworks_apis_caps_is_a_config_error(manager, tiny
         "2.5 exceeds the Fireworks API's cap of 2 @ sampling.temperature",
         "101 exceeds the Fireworks API's cap of 100 @ sampling.top_k",
         "129 exceeds the Fireworks API's cap of 128 @ train.completions_per_prompt"]
+
+
+def _lora_student(path, seed=0, **lora):
+    """A PEFT LoRA model on ``path`` whose adapter is not the identity (peft starts B at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora))
+    _train_adapter(model)
+    return model
+
+
+def _train_adapter(model):
+    with torch.no_grad():  # as a training step would: the adapter alone moves
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+
+
+@pytest.mark.lora
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}, {"modules_to_save": ["lm_head"]}],
+                         ids=["lora", "dora", "modules_to_save"])
+def test_a_peft_student_is_served_merged_as_the_final_export_and_the_trainer_keeps_its_weights(tiny_models, lora):
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    import copy
+
+    from distill.plugins.fireworks.sampler import served_weights
+
+    student = _lora_student(tiny_models["student"], **lora)
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    served = dict(served_weights(student))
+    merged = copy.deepcopy(student).merge_and_unload().state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).state_dict()
+    assert list(served) == list(plain)  # the plain model's names, in its order
+    assert all(torch.equal(served[name], merged[name]) for name in merged)  # bit for bit what final/ holds
+    assert not all(torch.equal(served[name], plain[name]) for name in plain)  # the adapter is in
+    after = student.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.lora
+def test_a_lora_student_syncs_merged_weights_to_distill_serve(student_server, tiny_models, tmp_path):
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    student = _lora_student(tiny_models["student"])
+
+    async def scenario():
+        sampler = _sampler(student_server, student, tmp_path)
+        try:
+            await sampler.sync_weights(0)
+            _train_adapter(student)
+            with pytest.raises(DistillError, match="not serving the trained weights"):
+                await sampler._check_sync(1)  # the server still holds the step-0 merge
+            before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+            await sampler.sync_weights(1)
+            after = student.state_dict()
+            assert all(torch.equal(after[name], before[name]) for name in before)  # a sync never moves the trainer
+            return sampler.counters(), await sampler.complete(PROMPTS, max_new_tokens=4)
+        finally:
+            await sampler.aclose()
+
+    counters, greedy = asyncio.run(scenario())
+    assert counters["syncs"] == 2 and counters["sync_max_gap"] > 1e-2  # the stale check's gap
+    for prompt, ids in zip(PROMPTS, greedy, strict=True):  # the server now answers as the PEFT model
+        with torch.no_grad():
+            assert ids[0] == int(student(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+@pytest.mark.lora
+def test_a_lora_run_sampling_on_distill_serve_syncs_every_step(tiny_models, tmp_path, manager):
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    from tests.conftest import write_jsonl
+
+    proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
+    try:
+        write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
+        config = {
+            "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
+            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+            "sampler": {"backend": "fireworks", "base_url": base, "model": "tiny", "sync_tolerance": 1e-4},
+            "trainer": {"lora": {"rank": 4}},
+            "data": {"train": str(tmp_path / "train.jsonl")}, "sampling": {"max_new_tokens": 6},
+            "train": {"steps": 3, "prompt_groups_per_step": 3, "completions_per_prompt": 2, "learning_rate": 5e-2},
+        }
+        summary = run(parse_config(config, manager, source=str(tmp_path / "run.toml")), manager, progress=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # every sync's probe matched: the server answered the merged model's logprobs after each step
+    assert summary["sampler"]["syncs"] == 4 and summary["sampler"]["sync_max_gap"] < 1e-4
+    assert summary["tokens"] > 0
+
+
+@pytest.mark.lora
+def test_adapter_sync_to_a_server_without_runtime_lora_loading_says_how_to_enable_it(student_server, tiny_models,
+                                                                                      tmp_path):
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    sampler = _sampler(student_server, _lora_student(tiny_models["student"]), tmp_path, dialect="vllm",
+                       sync="vllm-lora")  # distill-serve has no /v1/load_lora_adapter
+    with pytest.raises(DistillError, match=r"Weight sync to 'tiny-lora' failed: /v1/load_lora_adapter answered 404: "
+                                           r".*; start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+        asyncio.run(sampler.sync_weights(0))
+
+
+def test_adapter_sync_needs_vllm_and_a_lora_trainer(manager, tiny_models, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}]}) + "\n")
+    config = {"student": {"model": str(tiny_models["student"])}, "data": {"train": "train.jsonl"},
+              "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+              "sampler": {"backend": "fireworks", "base_url": "http://127.0.0.1:1", "model": "s", "sync": "vllm-lora"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(config, manager, source=str(tmp_path / "run.toml"))
+    assert [p for p in err.value.problems if "vllm-lora" in p] == [
+        "sync = 'vllm-lora' loads the adapter through vLLM's /v1/load_lora_adapter: use backend = \"vllm\" "
+        "@ sampler.sync",
+        "sync = 'vllm-lora' syncs the student's LoRA adapter, but the trainer trains none: add [trainer.lora], "
+        "or sync merged weights with sync = 'vllm' @ sampler.sync"]
+    # a trainer the config cannot tell about is caught once its student is built
+    with pytest.raises(ConfigError, match=r"the student is no PEFT model.* @ sampler\.sync"):
+        _sampler("http://127.0.0.1:1", AutoModelForCausalLM.from_pretrained(tiny_models["student"]), tmp_path,
+                 dialect="vllm", sync="vllm-lora")

@@ -27,6 +27,7 @@ from distill.testing import check_same_scores
 from distill.types import BuildContext, PromptRow, SamplingParams, ScoreRequest
 
 from .test_fireworks import _free_port
+from .test_remote_sampler import _lora_student, _train_adapter
 
 pytestmark = pytest.mark.vllm
 VLLM_PYTHON = os.environ.get("DISTILL_VLLM_PYTHON")
@@ -142,10 +143,10 @@ def test_vllm_samples_and_takes_synced_weights(vllm_student, tmp_path):
         sampler = _sampler(vllm_student, student, tmp_path)
         try:
             await sampler.sync_weights(0)
-            before = await sampler.sample(rows, params, seed=1)
+            before = await sampler.sample(rows, params, seeds=range(1, 1 + len(rows)))
             _perturb(student)
             await sampler.sync_weights(1)
-            return before, await sampler.sample(rows, params, seed=1), sampler.counters()
+            return before, await sampler.sample(rows, params, seeds=range(1, 1 + len(rows))), sampler.counters()
         finally:
             await sampler.aclose()
 
@@ -194,3 +195,60 @@ def test_the_remote_demo_on_two_vllm_servers_reaches_the_local_gain(vllm_student
     assert summary["reverse_kl_after"] < 0.25 * summary["reverse_kl_before"]
     assert summary["sampler"]["syncs"] == 601 and summary["sampler"]["sync_max_gap"] < 1e-4
     assert summary["teachers"][TEACHER]["dropped"] == {}
+
+
+@pytest.fixture(scope="module")
+def vllm_lora_student(tmp_path_factory):
+    """The demo student on vLLM with runtime LoRA loading, which adapter sync uses (no dev endpoints)."""
+    root = tmp_path_factory.mktemp("vllm-lora-student")
+    with _vllm(STUDENT, root, "--served-model-name", "s", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "1",
+               VLLM_ALLOW_RUNTIME_LORA_UPDATING="True") as base:
+        yield base
+
+
+@pytest.mark.lora
+@pytest.mark.parametrize("sync", ["vllm-lora", "vllm"])
+def test_a_lora_student_on_vllm_takes_its_adapter_alone_or_merged(request, tmp_path, sync):
+    """The adapter on top of the server's base weights, or merged into them (on another server: the
+    adapter would apply on top of a merged base)."""
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    base = request.getfixturevalue("vllm_lora_student" if sync == "vllm-lora" else "vllm_student")
+    student = _lora_student(STUDENT)
+    rows = [PromptRow(index=i + 1, messages=(), prompt_ids=p) for i, p in enumerate(PROMPTS)]
+    params = SamplingParams(max_new_tokens=8, n=4)
+
+    async def scenario():
+        options = RemoteSamplerOptions(base_url=base, model="s", dialect="vllm", sync=sync)
+        sampler = RemoteSampler.build(options, BuildContext(run_config=None, output_dir=tmp_path, seed=0,
+                                                            device="cpu", student=student))
+        try:
+            rollouts = []
+            for step in range(3):
+                _train_adapter(student)
+                await sampler.sync_weights(step)
+                batch = await sampler.sample(rows, params, seeds=[step, step + 10])
+                rollouts.append((batch, [_local_logprobs(student, r.prompt_ids, r.completion_ids_C.tolist())
+                                         for r in batch]))
+            return rollouts, sampler.counters()
+        finally:
+            await sampler.aclose()
+
+    rollouts, counters = asyncio.run(scenario())
+    assert counters["syncs"] == 3 and counters["sync_max_gap"] < 1e-4
+    for batch, local in rollouts:  # every step samples from the weights just synced
+        for rollout, want in zip(batch, local, strict=True):
+            torch.testing.assert_close(rollout.model_logprobs_C, want, atol=1e-4, rtol=0)
+    if sync == "vllm-lora":  # only the adapter loaded last stays on disk
+        assert [p.name.startswith("adapter-2-") for p in (tmp_path / "sampler_weights").iterdir()] == [True]
+
+
+@pytest.mark.lora
+def test_the_lora_demo_sampling_on_vllm_syncs_its_adapter_every_step(vllm_lora_student, tmp_path, manager):
+    """examples/arithmetic/lora.toml with the student sampling on vLLM, only the adapter synced."""
+    pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
+    sampler = f"sampler={{backend = 'vllm', base_url = '{vllm_lora_student}', model = 's', sync = 'vllm-lora'}}"
+    config = load_config(DEMO / "lora.toml", manager, [sampler, f"output_dir='{tmp_path}'", "train.steps=20",
+                                                       "train.threads=1"])
+    summary = run(config, manager, progress=False)
+    assert summary["sampler"]["syncs"] == 21 and summary["sampler"]["sync_max_gap"] < 1e-4
+    assert summary["student_accuracy_after"] is not None

@@ -1,0 +1,118 @@
+"""One process or many under ``torchrun``: the rank, the world, and the few collectives the loop uses.
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`start` joins the process group
+(NCCL when CUDA is available, else gloo), and the run is then :func:`sharded` (even with one process:
+``torchrun --nproc_per_node 1`` runs the sharded code path, which is how it is checked on one GPU).
+Started without torchrun nothing joins and every function here is the identity, so the plain run
+takes exactly the path it always took.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "sum_counters",
+           "max_value", "gather", "from_main", "barrier", "full_tensor"]
+
+T = TypeVar("T")
+
+
+def start() -> bool:
+    """Join the process group when launched by torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # evaluation runs on the main process while the others wait: allow it time
+    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    return True
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sharded() -> bool:
+    """Whether this run is one of torchrun's processes, its student sharded over them."""
+    return dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """The process that writes metrics, status, summaries and the final model."""
+    return rank() == 0
+
+
+def my_share(items: Sequence[T]) -> list[tuple[int, T]]:
+    """This process's items with their positions: every ``world_size``-th, from ``rank``. Shares
+    differ in size by at most one."""
+    return [(position, item) for position, item in enumerate(items) if position % world_size() == rank()]
+
+
+def sum_values(values: Mapping[str, float]) -> dict[str, float]:
+    """Each key's sum over processes (every process passes the same keys)."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(total)
+    return dict(zip(keys, total.tolist(), strict=True))
+
+
+def max_value(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    top = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top)
+
+
+def gather(value: T) -> list[T]:
+    """Every process's ``value`` (picklable), in rank order, on every process."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def sum_counters(counts: Mapping[str, int]) -> Counter[str]:
+    """Counts merged over processes, where each may hold different keys."""
+    return sum((Counter(c) for c in gather(dict(counts))), Counter())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter gathered whole (a collective: every process calls it), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def from_main(value: T) -> T:
+    """The main process's ``value`` (picklable), on every process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

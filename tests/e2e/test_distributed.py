@@ -1,0 +1,121 @@
+"""The demo on two processes (torchrun, gloo, FSDP2) against the same run in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "arithmetic" / "opd.toml"
+SETTINGS = ("train.steps=5", "train.threads=1", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+            "eval.every_steps=0", "eval.limit=40")
+
+
+def _command(out: Path, nproc: int, *sets: str) -> list[str]:
+    overrides = [arg for value in (*SETTINGS, *sets, f"output_dir='{out}'") for arg in ("--set", value)]
+    return [sys.executable, "-m", "distill.cli", "run", str(DEMO), "--no-progress", "--nproc", str(nproc), *overrides]
+
+
+def _run(out: Path, nproc: int, *sets: str) -> None:
+    done = subprocess.run(_command(out, nproc, *sets), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same five steps in one process and in two, evaluated before and after."""
+    root = tmp_path_factory.mktemp("distributed")
+    _run(root / "one", 1)
+    _run(root / "two", 2)
+    return root
+
+
+def test_two_processes_sample_the_same_tokens_and_train_the_same_weights(runs):
+    one, two = _metrics(runs / "one"), _metrics(runs / "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5]  # the main process alone writes metrics
+    for a, b in zip(one, two, strict=True):
+        assert a["completion_tokens"] == b["completion_tokens"]
+        # the teacher's logprob of every sampled token, summed: equal only for the same tokens
+        assert b["teacher_logprob"] == pytest.approx(a["teacher_logprob"], abs=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    reference, sharded = _weights(runs / "one"), _weights(runs / "two")
+    assert sorted(reference) == sorted(sharded)
+    assert max(float((reference[k] - sharded[k]).abs().max()) for k in reference) <= 1e-5
+    summary = json.loads((runs / "two" / "summary.json").read_text())
+    assert summary["tokens"] == sum(m["completion_tokens"] for m in two)
+
+
+def test_evaluation_split_over_two_processes_gives_the_one_process_results(runs):
+    one, two = (json.loads((runs / run / "summary.json").read_text()) for run in ("one", "two"))
+    assert two["eval_rows"] == one["eval_rows"] == 40
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
+        assert two[key] == one[key]
+    for key in ("reverse_kl_before", "reverse_kl_after"):
+        assert two[key] == pytest.approx(one[key], abs=1e-5)
+
+
+def test_a_killed_process_brings_the_job_down_and_the_rerun_resumes_it_bitwise(runs, tmp_path):
+    out = tmp_path / "killed"
+    job = subprocess.Popen(_command(out, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-00000002").is_dir() or len(_metrics(out)) < 3:
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    main_pid = json.loads((out / "status.json").read_text())["pid"]
+    os.kill(main_pid, signal.SIGKILL)
+    assert job.wait(timeout=120) != 0  # torchrun stops the other process too
+    assert not (out / "final").exists()
+    _run(out, 2)
+    assert _metrics(out)[-1]["step"] == 5
+    resumed, uninterrupted = _weights(out), _weights(runs / "two")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize(("written_by", "resumed_by"), [("two", 1), ("one", 2)])
+def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path, written_by, resumed_by):
+    out = tmp_path / "resharded"
+    shutil.copytree(runs / written_by, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000005")
+    shutil.rmtree(out / "final")
+    assert (out / "checkpoints" / "step-00000004" / "sharded").is_dir() == (written_by == "two")
+    _run(out, resumed_by)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 4
+    resumed, uninterrupted = _weights(out), _weights(runs / written_by)
+    assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) <= 1e-5
+
+
+def test_two_processes_sampling_on_a_server_sync_it_from_the_main_process(tmp_path):
+    from tests.plugins.test_fireworks import _serve
+
+    proc, base = _serve(DEMO.parent / "student", weights_root=tmp_path)
+    try:
+        sampler = f"sampler={{backend = 'fireworks', base_url = '{base}', model = 'student'}}"
+        _run(tmp_path / "out", 2, "train.steps=3", "eval.at_start=false", sampler)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # the server answered the gathered weights after every sync: before the run and after each step
+    assert summary["sampler"]["syncs"] == 4 and summary["sampler"]["sync_max_gap"] < 1e-4
+    assert [m["step"] for m in _metrics(tmp_path / "out")] == [1, 2, 3]
