@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -24,16 +23,14 @@ __all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_shar
 T = TypeVar("T")
 
 
-def start() -> bool:
+def start() -> None:
     """Join the process group when launched by torchrun."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or dist.is_initialized():
-        return dist.is_initialized()
+        return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # evaluation runs on the main process while the others wait: allow it time
-    dist.init_process_group(backend, timeout=timedelta(hours=2))
-    return True
+    dist.init_process_group(backend)
 
 
 def stop() -> None:
