@@ -6,7 +6,7 @@ validators, and the data types of a step. Plugins import from here and :mod:`dis
 """
 
 from distill.align import TokenBatch, completion_positions
-from distill.config import display_config, finite, non_negative, positive, resolve_path, unit_interval
+from distill.config import display_config, finite, non_negative, positive, resolve_path, resumable, unit_interval
 from distill.data import sample_seed
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
@@ -71,6 +71,7 @@ __all__ = [
     "non_negative",
     "positive",
     "resolve_path",
+    "resumable",
     "sample_seed",
     "unit_interval",
     "SHARDED",

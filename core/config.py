@@ -9,12 +9,13 @@ once, each with its path (``must be > 0, got 0 @ train.steps``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import json
 import math
 import re
 import tomllib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
@@ -67,6 +68,7 @@ __all__ = [
     "TRAJECTORY_FIELDS",
     "RESUMABLE_FIELDS",
     "trajectory_changes",
+    "resumable",
     "device_type",
     "positive",
     "non_negative",
@@ -321,10 +323,50 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
 how many pieces it computes (which moves only the last bits of the arithmetic)."""
 
 
+RESUMABLE = "distill_resumable"  # the metadata key :func:`resumable` sets
+
+
+def resumable(**field_args: Any) -> Any:
+    """An options field (``attrs.field`` arguments) a resumed run may change inside a trajectory
+    section: where or how a component connects or computes (a server's URL, timeouts, concurrency,
+    a device, a batch size), never what the run trains."""
+    metadata = {**field_args.pop("metadata", {}), RESUMABLE: True}
+    return attrs.field(**field_args, metadata=metadata)
+
+
+def _resumable_paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The paths (keys and list indices, as :func:`display_config` nests them) of every field
+    declared with :func:`resumable` in ``node``'s attrs tree."""
+    if attrs.has(type(node)):
+        for field in attrs.fields(type(node)):
+            if field.metadata.get(RESUMABLE):
+                yield (*path, field.name)
+            else:
+                yield from _resumable_paths(getattr(node, field.name), (*path, field.name))
+    elif isinstance(node, (list, tuple)):
+        for index, item in enumerate(node):
+            yield from _resumable_paths(item, (*path, index))
+
+
+def _drop(node: Any, path: tuple[Any, ...]) -> None:
+    for key in path[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
 def trajectory_changes(saved: Mapping[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``{path: (saved value, config's value)}`` for each trajectory field that differs between
-    ``saved`` (the :func:`display_config` a checkpoint recorded, read back from JSON) and ``config``."""
+    ``saved`` (the :func:`display_config` a checkpoint recorded, read back from JSON) and ``config``,
+    leaving out the options plugins declared :func:`resumable`."""
     now = json.loads(json.dumps(display_config(config)))  # as JSON holds it: tuples become lists
+    saved = copy.deepcopy(dict(saved))
+    for path in _resumable_paths(config):
+        _drop(now, path)
+        _drop(saved, path)
 
     def get(node: Any, path: str) -> Any:
         for key in path.split("."):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, SamplerSpec, TeacherSpec, finite, hookimpl, non_negative, positive
+from distill import BuildContext, SamplerSpec, TeacherSpec, finite, hookimpl, non_negative, positive, resumable
 
 __all__ = ["RemoteOptions", "RemoteTeacherOptions", "RemoteSamplerOptions", "FIREWORKS_TOP_LOGPROBS_CAP"]
 
@@ -31,26 +31,26 @@ class RemoteOptions:
     behind proxies that cut idle connections; the events are assembled into the body a JSON reply
     would have been and validated the same way."""
 
-    base_url: str
+    base_url: str = resumable()  # a restarted server may come back elsewhere
     model: str
     dialect: Literal["fireworks", "vllm"] | None = None  # deprecated: the backend names the dialect
-    api_key_env: str = "FIREWORKS_API_KEY"
-    timeout_s: float = attrs.field(default=60.0, validator=[finite, positive])
-    max_attempts: int = attrs.field(default=6, validator=positive)
-    not_ready_wait_s: float = attrs.field(default=180.0, validator=[finite, non_negative])
-    backoff_base_s: float = attrs.field(default=0.25, validator=[finite, positive])
-    backoff_max_s: float = attrs.field(default=20.0, validator=[finite, positive])
-    concurrency: int = attrs.field(default=8, validator=positive)
-    max_concurrency: int = attrs.field(default=64, validator=positive)
-    adaptive_concurrency: bool = True
-    stream: bool = False
+    api_key_env: str = resumable(default="FIREWORKS_API_KEY")
+    timeout_s: float = resumable(default=60.0, validator=[finite, positive])
+    max_attempts: int = resumable(default=6, validator=positive)
+    not_ready_wait_s: float = resumable(default=180.0, validator=[finite, non_negative])
+    backoff_base_s: float = resumable(default=0.25, validator=[finite, positive])
+    backoff_max_s: float = resumable(default=20.0, validator=[finite, positive])
+    concurrency: int = resumable(default=8, validator=positive)
+    max_concurrency: int = resumable(default=64, validator=positive)
+    adaptive_concurrency: bool = resumable(default=True)
+    stream: bool = resumable(default=False)
 
 
 @attrs.frozen(kw_only=True)
 class RemoteTeacherOptions(RemoteOptions):
-    batch_size: int = attrs.field(default=16, validator=positive)
-    max_failures_in_a_row: int = attrs.field(default=16, validator=positive)
-    max_logprobs: int = attrs.field(default=20, validator=positive)
+    batch_size: int = resumable(default=16, validator=positive)
+    max_failures_in_a_row: int = resumable(default=16, validator=positive)
+    max_logprobs: int = resumable(default=20, validator=positive)
 
 
 @attrs.frozen(kw_only=True)
@@ -66,9 +66,9 @@ class RemoteSamplerOptions(RemoteOptions):
     trainer's within ``sync_tolerance`` (0 turns the check off)."""
 
     sync: Literal["auto", "vllm", "distill-serve", "vllm-lora", "none"] = "auto"
-    weights_dir: str = ""
-    server_weights_dir: str = ""
-    sync_tolerance: float = attrs.field(default=1e-3, validator=[finite, non_negative])
+    weights_dir: str = resumable(default="")
+    server_weights_dir: str = resumable(default="")
+    sync_tolerance: float = resumable(default=1e-3, validator=[finite, non_negative])
 
     @property
     def sync_kind(self) -> str:

@@ -12,22 +12,22 @@ from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl, positive, resolve_path
+from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl, positive, resolve_path, resumable
 
 __all__ = ["HFSamplerOptions", "HFTeacherOptions"]
 
 
 @attrs.frozen(kw_only=True)
 class HFSamplerOptions:
-    batch_size: int = attrs.field(default=64, validator=positive)
+    batch_size: int = resumable(default=64, validator=positive)
 
 
 @attrs.frozen(kw_only=True)
 class HFTeacherOptions:
     model: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str | None = None
-    batch_size: int = attrs.field(default=64, validator=positive)
+    device: str | None = resumable(default=None)
+    batch_size: int = resumable(default=64, validator=positive)
 
 
 def _build_sampler(options: HFSamplerOptions, context: BuildContext) -> Any:

@@ -45,6 +45,7 @@ from distill import (
     hookimpl,
     positive,
     resolve_path,
+    resumable,
 )
 from distill.plugins.torch_trainer.sharding import StepForward, gathered_state_dict, shard
 
@@ -70,7 +71,7 @@ class LoraOptions:
 
 @attrs.frozen(kw_only=True)
 class TorchTrainerOptions:
-    device: str = "auto"
+    device: str = resumable(default="auto")
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
     lora: LoraOptions | None = None
