@@ -602,7 +602,7 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) a distillation; return the summary also written to ``summary.json``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    distributed.start()  # under torchrun with several processes; else nothing
+    distributed.start()  # under torchrun; else nothing
     try:
         return asyncio.run(_run(Recipe(config, manager, resume=resume, progress=progress)))
     finally:
