@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "sum_counters",
-           "max_value", "gather", "from_main", "barrier", "full_tensor"]
+           "max_value", "gather", "from_main", "barrier", "full_tensor", "whole_copy"]
 
 T = TypeVar("T")
 
@@ -113,3 +113,19 @@ def from_main(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def whole_copy(model: Any, into: Any = None) -> Any:
+    """The sharded ``model`` gathered into a plain, unsharded copy on the main process: ``into``
+    when given (reused across calls), else a new one; None on the other processes. A collective:
+    every process calls it. The gathered tensors go to CPU one by one, so a device holds one whole
+    tensor at a time."""
+    from transformers import AutoModelForCausalLM
+
+    state = {name: full_tensor(tensor).detach().cpu() for name, tensor in model.state_dict().items()}
+    if not is_main():
+        return None
+    if into is None:
+        into = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    into.load_state_dict(state)
+    return into

@@ -363,7 +363,7 @@ class RemoteSampler(Sampler):
             return
         started = time.perf_counter()
         if distributed.sharded():
-            await asyncio.to_thread(self._gather_whole)
+            self.whole = await asyncio.to_thread(distributed.whole_copy, self.student, self.whole)
             if not distributed.is_main():
                 distributed.barrier()  # sampling before the reload would use the old weights
                 return
@@ -388,18 +388,6 @@ class RemoteSampler(Sampler):
         distributed.barrier()
         self.syncs += 1
         self.sync_s += time.perf_counter() - started
-
-    def _gather_whole(self) -> None:
-        """The sharded student's weights gathered whole (every process takes part), loaded into
-        :attr:`whole` on the main process."""
-        from transformers import AutoModelForCausalLM
-
-        state = {name: distributed.full_tensor(tensor).detach().cpu() for name, tensor in self.student.state_dict().items()}
-        if not distributed.is_main():
-            return
-        if self.whole is None:
-            self.whole = AutoModelForCausalLM.from_config(self.student.config, dtype=self.student.dtype)
-        self.whole.load_state_dict(state)
 
     async def _load_adapter(self, step: int) -> None:
         """Save the adapter alone to a new folder and have vLLM load it in place of the last one, under

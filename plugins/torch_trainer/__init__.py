@@ -47,7 +47,7 @@ from distill import (
     resolve_path,
     resumable,
 )
-from distill.plugins.torch_trainer.sharding import StepForward, gathered_state_dict, shard
+from distill.plugins.torch_trainer.sharding import StepForward, shard
 
 __all__ = ["TorchTrainer", "TorchTrainerOptions", "LoraOptions", "resolve_device", "checkpoint_activations"]
 
@@ -185,24 +185,13 @@ class TorchTrainer(Trainer):
     def final_model(self) -> Any:
         """With LoRA, the adapter merged into a copy, so ``model`` keeps the adapter to save beside it."""
         if distributed.sharded():
-            return self._whole()
+            return distributed.whole_copy(self.model)
         if self.options.lora is None:
             return self.model
         return copy.deepcopy(self.model).merge_and_unload()
 
     def final_adapter(self) -> Any | None:
         return self.model if self.options.lora is not None else None
-
-    def _whole(self) -> Any:
-        """The sharded student gathered into a plain copy on the main process (None elsewhere)."""
-        from transformers import AutoModelForCausalLM
-
-        state = gathered_state_dict(self.model)
-        if not distributed.is_main():
-            return None
-        whole = AutoModelForCausalLM.from_config(self.model.config, dtype=next(iter(state.values())).dtype)
-        whole.load_state_dict(state)
-        return whole
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name, so a checkpoint resumes under any number of

@@ -1,4 +1,4 @@
-"""FSDP2 for the ``torch`` trainer, when torchrun starts more than one process.
+"""FSDP2 for the ``torch`` trainer, when the run is launched by torchrun.
 
 Each decoder layer is an FSDP unit of its own and the step's forward (:class:`StepForward`) is the
 root: the parameters outside the layers (embeddings, final norm, head) are gathered around a whole
@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from distill import LossKernel, Objective, TokenBatch, completion_hidden_states, head_weight
-from distill.distributed import full_tensor
 
-__all__ = ["StepForward", "decoder_layers", "shard", "gathered_state_dict"]
+__all__ = ["StepForward", "decoder_layers", "shard"]
 
 
 class StepForward(torch.nn.Module):
@@ -56,8 +55,3 @@ def shard(step_forward: StepForward) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(step_forward)
-
-
-def gathered_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every shard gathered whole, on every process (a collective)."""
-    return {name: full_tensor(tensor).detach() for name, tensor in model.state_dict().items()}

@@ -119,3 +119,21 @@ def test_two_processes_sampling_on_a_server_sync_it_from_the_main_process(tmp_pa
     # the server answered the gathered weights after every sync: before the run and after each step
     assert summary["sampler"]["syncs"] == 4 and summary["sampler"]["sync_max_gap"] < 1e-4
     assert [m["step"] for m in _metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+def test_a_process_count_below_one_is_refused_by_name():
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(DEMO), "--nproc", "0"],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2
+    assert "argument --nproc: must be a whole number of processes, at least 1, got '0'" in done.stderr
+
+
+@pytest.mark.lora
+def test_lora_under_torchrun_is_refused_before_training_with_its_path(tmp_path):
+    pytest.importorskip("peft", reason="needs the lora extra (pip install 'distill[lora]')")
+    done = subprocess.run(_command(tmp_path / "out", 2, "trainer.lora={rank = 4}"), capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode != 0
+    assert "LoRA does not run sharded over processes yet: train it in one process, or without [trainer.lora] " \
+           "under torchrun @ trainer.lora" in done.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "final").exists()

@@ -250,20 +250,26 @@ def test_the_old_dialect_spelling_still_works_with_a_warning_and_contradictions_
         "Fireworks server @ sampler.dialect"]
 
 
-def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_server(tiny_models, tmp_path, manager):
+def _server_run(tmp_path, tiny_models, base, *, steps, learning_rate, **sections):
+    """A run config of the tiny models sampling on the server at ``base``, 12 prompts, 3 per step."""
     from tests.conftest import write_jsonl
 
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
+    return {
+        "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
+        "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
+        "sampler": {"backend": "fireworks", "base_url": base, "model": "tiny"},
+        "data": {"train": str(tmp_path / "train.jsonl")}, "sampling": {"max_new_tokens": 6},
+        "train": {"steps": steps, "prompt_groups_per_step": 3, "completions_per_prompt": 2,
+                  "learning_rate": learning_rate},
+        **sections,
+    }
+
+
+def test_a_run_sampling_on_the_server_syncs_every_step_and_resumes_onto_the_server(tiny_models, tmp_path, manager):
     proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
     try:
-        write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
-        config = {
-            "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
-            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
-            "sampler": {"backend": "fireworks", "base_url": base, "model": "tiny"},
-            "data": {"train": str(tmp_path / "train.jsonl")}, "sampling": {"max_new_tokens": 6},
-            "train": {"steps": 4, "prompt_groups_per_step": 3, "completions_per_prompt": 2, "learning_rate": 1e-2},
-            "checkpoint": {"every_steps": 2},
-        }
+        config = _server_run(tmp_path, tiny_models, base, steps=4, learning_rate=1e-2, checkpoint={"every_steps": 2})
         summary = run(parse_config(config, manager, source=str(tmp_path / "run.toml")), manager, progress=False)
         assert summary["sampler"]["syncs"] == 5 and summary["sampler"]["sync_max_gap"] < 1e-4
         assert summary["tokens"] > 0 and summary["time_s"]["weight_sync"] > 0
@@ -461,19 +467,10 @@ def test_a_lora_student_syncs_merged_weights_to_distill_serve(student_server, ti
 @pytest.mark.lora
 def test_a_lora_run_sampling_on_distill_serve_syncs_every_step(tiny_models, tmp_path, manager):
     pytest.importorskip("peft", reason="peft is an optional extra: pip install -e '.[lora]'")
-    from tests.conftest import write_jsonl
-
     proc, base = _serve(tiny_models["student"], weights_root=tmp_path.parent)
     try:
-        write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": f"{a}+{a}?"}]} for a in range(12)])
-        config = {
-            "output_dir": str(tmp_path / "out"), "student": {"model": str(tiny_models["student"])},
-            "teachers": [{"backend": "hf", "model": str(tiny_models["teacher"])}],
-            "sampler": {"backend": "fireworks", "base_url": base, "model": "tiny", "sync_tolerance": 1e-4},
-            "trainer": {"lora": {"rank": 4}},
-            "data": {"train": str(tmp_path / "train.jsonl")}, "sampling": {"max_new_tokens": 6},
-            "train": {"steps": 3, "prompt_groups_per_step": 3, "completions_per_prompt": 2, "learning_rate": 5e-2},
-        }
+        config = _server_run(tmp_path, tiny_models, base, steps=3, learning_rate=5e-2, trainer={"lora": {"rank": 4}})
+        config["sampler"]["sync_tolerance"] = 1e-4
         summary = run(parse_config(config, manager, source=str(tmp_path / "run.toml")), manager, progress=False)
     finally:
         proc.terminate()
