@@ -9,7 +9,9 @@ takes exactly the path it always took.
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -17,8 +19,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "sum_counters",
-           "max_value", "gather", "from_main", "barrier", "full_tensor", "whole_copy"]
+__all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "sum_counters", "summed",
+           "max_value", "gather", "from_main", "barrier", "full_tensor", "unsharded_like", "whole_copy"]
 
 T = TypeVar("T")
 
@@ -94,6 +96,22 @@ def sum_counters(counts: Mapping[str, int]) -> Counter[str]:
     return sum((Counter(c) for c in gather(dict(counts))), Counter())
 
 
+def summed(counters: Mapping[str, Any]) -> dict[str, Any]:
+    """Counters (JSON-like) summed over processes: numbers add, mappings merge key by key, anything
+    else is the first process's. A collective: every process calls it."""
+    return _total(gather(dict(counters)))
+
+
+def _total(values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, Mapping) for v in present):
+        keys = dict.fromkeys(key for v in present for key in v)
+        return {key: _total([v.get(key) for v in present]) for key in keys}
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        return sum(present)
+    return present[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -115,17 +133,27 @@ def from_main(value: T) -> T:
     return box[0]
 
 
+def unsharded_like(model: Any) -> Any:
+    """A plain, unsharded model built as ``model`` is (its config and dtype, and a PEFT model's
+    adapter), with fresh weights, on the CPU: a copy to gather the shards into."""
+    from transformers import AutoModelForCausalLM
+
+    peft = sys.modules.get("peft")  # a PEFT model exists only once peft is imported
+    if peft is not None and isinstance(model, peft.PeftModel):
+        base = AutoModelForCausalLM.from_config(model.get_base_model().config, dtype=model.dtype)
+        return peft.get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+    return AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+
+
 def whole_copy(model: Any, into: Any = None) -> Any:
     """The sharded ``model`` gathered into a plain, unsharded copy on the main process: ``into``
     when given (reused across calls), else a new one; None on the other processes. A collective:
     every process calls it. The gathered tensors go to CPU one by one, so a device holds one whole
     tensor at a time."""
-    from transformers import AutoModelForCausalLM
-
     state = {name: full_tensor(tensor).detach().cpu() for name, tensor in model.state_dict().items()}
     if not is_main():
         return None
     if into is None:
-        into = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        into = unsharded_like(model)
     into.load_state_dict(state)
     return into

@@ -12,10 +12,12 @@ checkpoint and evaluate when due. Deterministic for a seed on CPU; resumable bit
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -168,6 +170,35 @@ def _rollouts_state(rollouts: Sequence[Rollout]) -> list[dict[str, Any]]:
              "model": r.model_logprobs_C.tolist(), "finished": r.finished} for r in rollouts]
 
 
+def _split_anew(shares: Sequence[list[Any] | None], n: int) -> list[Any] | None:
+    """This process's share of a step's rollouts that ``len(shares)`` processes sampled: process
+    ``r`` of ``W`` held rows ``r, r + W, ...``, ``n`` rollouts per row, in order."""
+    if shares[0] is None:
+        return None
+    rows = [[share[i:i + n] for i in range(0, len(share), n)] for share in shares]
+    in_order = [rows[p % len(rows)][p // len(rows)] for p in range(sum(map(len, rows)))]
+    return [rollout for _, row in distributed.my_share(in_order) for rollout in row]
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random generators (dropout, LoRA dropout), as JSON."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    def tensor(encoded: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
 def _rollouts_from_state(state: Sequence[dict[str, Any]], rows: Sequence[PromptRow]) -> list[Rollout]:
     by_line = {row.index: row for row in rows}
     return [Rollout(row=by_line[r["line"]], completion_ids_C=torch.tensor(r["ids"], dtype=torch.long),
@@ -178,8 +209,8 @@ def _rollouts_from_state(state: Sequence[dict[str, Any]], rows: Sequence[PromptR
 
 def _rollout_metrics(rollouts: Sequence[Rollout], scores: Sequence[TeacherScores]) -> dict[str, float]:
     """The step's rollout metrics, over every process's share."""
-    student = torch.cat([r.model_logprobs_C for r in rollouts])
-    teacher = torch.cat([s.logprobs_C for s in scores])
+    student = torch.cat([torch.zeros(0), *(r.model_logprobs_C for r in rollouts)])  # a share may be empty
+    teacher = torch.cat([torch.zeros(0), *(s.logprobs_C for s in scores)])
     sums = distributed.sum_values({"gap": float((student - teacher).sum()), "teacher": float(teacher.sum()),
                                    "tokens": student.numel(), "rollouts": len(rollouts),
                                    "truncated": sum(not r.finished for r in rollouts)})
@@ -364,27 +395,51 @@ class Recipe:
         self.sinks.resume_at(self.step)
 
     def state_dict(self) -> dict[str, Any]:
-        """The loop's resumable state; each stateful component contributes its own."""
+        """The loop's resumable state; each stateful component contributes its own. What differs by
+        process (remote components' counters, prefetched rollouts, the random generators) is kept
+        for every process: a collective, every process calls it."""
         prefetched = self.prefetched.rollouts if isinstance(self.prefetched, _Scored) else self.prefetched
+        pool = self.pool.state_dict()
+        own = {"teachers": pool["teachers"], "sampler": self.sampler.state_dict(),
+               "prefetched": None if prefetched is None else _rollouts_state(prefetched), "rng": _rng_state()}
         return {"step": self.step, "tokens": self.tokens, "eval": self.evaluation, "wall_time_s": self.wall_time(),
                 "cursor": self.cursor.state_dict(), "skipped": dict(self.skipped),
-                "times": self.clock.state_dict(), "teachers": self.pool.state_dict(),
-                "sampler": self.sampler.state_dict(), "eval_dropped": dict(self.eval_dropped),
-                "prefetched": None if prefetched is None else _rollouts_state(prefetched),
-                "sinks": self.sinks.state_dict(), "config": display_config(self.config)}
+                "times": self.clock.state_dict(), "books": pool["books"], "processes": distributed.gather(own),
+                "eval_dropped": dict(self.eval_dropped), "sinks": self.sinks.state_dict(),
+                "config": display_config(self.config)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Each process takes back its own part. Under another number of processes, the prefetched
+        rollouts are split anew and process ``r`` takes old process ``r``'s counters (those of old
+        processes beyond the new number are not carried); the generators start afresh."""
         self.step, self.tokens, self.evaluation = state["step"], state["tokens"], state["eval"]
         self.wall_before = state["wall_time_s"]
         self.cursor.load_state_dict(state["cursor"])
         self.skipped = Counter(state["skipped"])
         self.clock.load_state_dict(state["times"])
-        self.pool.load_state_dict(state["teachers"])
-        self.sampler.load_state_dict(state["sampler"])
         self.eval_dropped = Counter(state["eval_dropped"])
         self.sinks.load_state_dict(state.get("sinks", {}))  # absent in checkpoints of older versions
-        if state.get("prefetched") is not None:  # sampled by the weights before, so kept, not redrawn
-            self.prefetched = _rollouts_from_state(state["prefetched"], self.train_data.rows)
+        if "processes" not in state:  # written before the loop kept a part per process
+            state = {**state, "books": state["teachers"]["books"], "processes": [
+                {"teachers": state["teachers"]["teachers"], "sampler": state["sampler"],
+                 "prefetched": state.get("prefetched"), "rng": None}]}
+        processes = state["processes"]
+        rank, same_world = distributed.rank(), len(processes) == distributed.world_size()
+        if rank < len(processes):
+            own = processes[rank]
+            self.pool.load_state_dict({"books": state["books"], "teachers": own["teachers"]})
+            self.sampler.load_state_dict(own["sampler"])
+        else:
+            self.pool.load_state_dict({"books": state["books"], "teachers": {}})
+        if not same_world and distributed.is_main() and len(processes) > distributed.world_size():
+            log.warning("resumed on fewer processes: the remote components' counters of the others are not carried",
+                        processes_before=len(processes), processes_now=distributed.world_size())
+        if same_world and processes[rank]["rng"] is not None:
+            _set_rng_state(processes[rank]["rng"])
+        prefetched = (processes[rank]["prefetched"] if same_world else
+                      _split_anew([p["prefetched"] for p in processes], self.config.train.completions_per_prompt))
+        if prefetched is not None:  # sampled by the weights before, so kept, not redrawn
+            self.prefetched = _rollouts_from_state(prefetched, self.train_data.rows)
 
     # -- the recipe -----------------------------------------------------------------------------
 
@@ -462,16 +517,12 @@ class Recipe:
         self.skipped.update(distributed.sum_counters(scored.skipped))
         books = _merged_books(scored.books)
         self.pool.record(books)
-        kept = distributed.gather(len(scored.kept))
-        if not any(kept):
+        if not distributed.sum_values({"kept": len(scored.kept)})["kept"]:
             log.warning("no row of this step could be scored", step=step, skipped=dict(self.skipped))
             return None
-        if not all(kept):  # a process without rows cannot take part in the sharded step
-            raise DistillError(f"Step {step}: no row of process {kept.index(0)}'s share could be scored "
-                               f"(skipped so far: {dict(self.skipped)}), and a process with nothing to train on "
-                               f"cannot take part in a sharded step yet. Run with fewer processes, or fix "
-                               f"what the skip reasons name.")
-        batch = build_token_batch(scored.kept, scored.scores, pad_id=self.tokenizer.pad_token_id or 0)
+        # sharded, a process whose whole share failed still takes part in the step, adding nothing
+        batch = build_token_batch(scored.kept, scored.scores, pad_id=self.tokenizer.pad_token_id or 0) \
+            if scored.kept else None
         if config.train.max_staleness and step < config.train.steps:
             train_metrics, self.prefetched = await asyncio.gather(
                 asyncio.to_thread(self._train, batch), self._sample_and_score(step + 1)
@@ -549,12 +600,14 @@ class Recipe:
                 self.evaluation["after"] = await self.evaluate(config.train.steps)
             stop.raise_if_requested("during the final evaluation; training is complete and saved")
         final_model, adapter = self.trainer.final_model(), self.trainer.final_adapter()  # sharded: gathered
-        return distributed.from_main(self._finish(final_model, adapter) if distributed.is_main() else None)
+        teachers = {name: teacher.counters() for name, teacher in self.pool.teachers.items()}
+        counters = distributed.summed({"teachers": teachers, "sampler": self.sampler.counters()})
+        return distributed.from_main(self._finish(final_model, adapter, counters) if distributed.is_main() else None)
 
-    def _finish(self, final_model: Any, adapter: Any) -> dict[str, Any]:
+    def _finish(self, final_model: Any, adapter: Any, counters: dict[str, Any]) -> dict[str, Any]:
         """Save the final model and write the summary (the main process)."""
         final_uri = self.checkpoints.save_final(model=final_model, tokenizer=self.tokenizer, adapter=adapter)
-        result = summary(self, final_uri)
+        result = summary(self, final_uri, counters)
         (self.output_dir / "summary.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         self.sinks.write_summary(result)
         self.sinks.close()

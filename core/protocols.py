@@ -52,7 +52,8 @@ class Component(Protocol):
         """Release connections and threads; awaited once when the run ends, however it ended."""
 
     def counters(self) -> dict[str, Any]:
-        """Counters reported in ``summary.json`` (failed attempts, retries, ...)."""
+        """Counters reported in ``summary.json`` (failed attempts, retries, ...). Under torchrun each
+        process counts its own and the summary adds them up (numbers add, mappings merge key by key)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -216,9 +217,11 @@ class Trainer(Protocol):
 
     model: Any
 
-    def train_step(self, batch: TokenBatch) -> dict[str, float]:
+    def train_step(self, batch: TokenBatch | None) -> dict[str, float]:
         """One optimizer step on the whole batch; the step's metrics (``loss`` and the objective's,
-        averaged per token, ``grad_norm``, ``learning_rate``)."""
+        averaged per token, ``grad_norm``, ``learning_rate``). ``batch`` is None only in a run sharded
+        over processes, when none of this process's rows could be scored: it still takes its part in
+        the step's collectives, adding nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything an exact resume needs besides ``model``'s weights (optimizer, schedule, RNG)."""

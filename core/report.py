@@ -87,8 +87,9 @@ def per_route(recipe: Recipe) -> dict[str, dict[str, Any]]:
     return report
 
 
-def summary(recipe: Recipe, final_uri: str) -> dict[str, Any]:
-    """The run at a glance, as written to ``summary.json``."""
+def summary(recipe: Recipe, final_uri: str, counters: dict[str, Any]) -> dict[str, Any]:
+    """The run at a glance, as written to ``summary.json``; ``counters``: the components' own,
+    summed over processes."""
     config, evaluation = recipe.config, recipe.evaluation
     before, after = evaluation.get("before", {}), evaluation.get("after", {})
     return {
@@ -108,10 +109,10 @@ def summary(recipe: Recipe, final_uri: str) -> dict[str, Any]:
         "reverse_kl_before": before.get("reverse_kl"),
         "reverse_kl_after": after.get("reverse_kl"),
         "teachers": {
-            name: {**book.as_dict(), **recipe.pool.teachers[name].counters()}
+            name: {**book.as_dict(), **counters["teachers"][name]}
             for name, book in sorted(recipe.pool.totals.items())
         },
-        "sampler": recipe.sampler.counters(),
+        "sampler": counters["sampler"],
         "metric_sinks": recipe.sinks.report(),
         "per_route": per_route(recipe),
         "eval_history": evaluation.get("history", []),

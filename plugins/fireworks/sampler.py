@@ -396,7 +396,7 @@ class RemoteSampler(Sampler):
         A new folder every time: vLLM keys cached prefixes by the adapter's name and path, so reloading
         from the same path would answer cached prompts with the previous weights."""
         folder = f"adapter-{step}-{uuid.uuid4().hex[:8]}"
-        await asyncio.to_thread(self.student.save_pretrained, str(self.weights_dir / folder))
+        await asyncio.to_thread(self._local_student.save_pretrained, str(self.weights_dir / folder))
         body = {"lora_name": self.model, "lora_path": posixpath.join(self.server_weights_dir, folder),
                 "load_inplace": True}
         await self.client.post("/v1/load_lora_adapter", body, not_ready=CONTROL_NOT_READY)

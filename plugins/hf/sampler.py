@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from distill import BuildContext, ConfigError, PromptRow, Rollout, Sampler, SamplingParams, distributed, sample_seed
 from distill.plugins.hf.generation import generate, greedy_complete
@@ -28,6 +27,7 @@ class HFSampler(Sampler):
     def __init__(self, model: Any, tokenizer: Any, batch_size: int, *, trainer_model: Any = None) -> None:
         self.model = model
         self.trainer_model = trainer_model  # set when ``model`` is a copy to keep in sync
+        self.frozen_synced = False
         self.batch_size = batch_size
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
@@ -40,8 +40,7 @@ class HFSampler(Sampler):
         if context.run_config.train.max_staleness == 0 and not sharded:
             return cls(context.student, context.tokenizer, options.batch_size)
         if sharded:  # a whole copy: decoding through the shards would gather every layer per token
-            own = AutoModelForCausalLM.from_config(context.student.config, dtype=context.student.dtype)
-            own.to(context.student.device)
+            own = distributed.unsharded_like(context.student).to(context.student.device)
         else:
             own = copy.deepcopy(context.student)
         return cls(own.requires_grad_(False), context.tokenizer, options.batch_size, trainer_model=context.student)
@@ -87,9 +86,12 @@ class HFSampler(Sampler):
 
     async def sync_weights(self, step: int) -> None:
         """Nothing to do when sharing the trainer's model; else copy its weights into ours (sharded:
-        gathered whole, every process at once)."""
-        if self.trainer_model is not None:
-            with torch.no_grad():
-                for ours, theirs in zip(self.model.parameters(), self.trainer_model.parameters(), strict=True):
+        gathered whole, every process at once). Frozen weights (LoRA's base) are copied once."""
+        if self.trainer_model is None:
+            return
+        with torch.no_grad():
+            for ours, theirs in zip(self.model.parameters(), self.trainer_model.parameters(), strict=True):
+                if theirs.requires_grad or not self.frozen_synced:
                     ours.copy_(distributed.full_tensor(theirs))
+        self.frozen_synced = True
 

@@ -15,6 +15,7 @@ with the adapter beside it. The frozen head still reaches the loss kernel unchan
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
 import os
@@ -125,9 +126,6 @@ class TorchTrainer(Trainer):
         from transformers import AutoModelForCausalLM
 
         config = context.run_config
-        if options.lora is not None and distributed.sharded():
-            raise ConfigError([f"LoRA does not run sharded over processes yet: train it in one process, or "
-                               f"without [trainer.lora] under torchrun @ {context.path}.lora"])
         dtype = torch.bfloat16 if options.precision == "bf16" else getattr(torch, config.student.dtype)
         # a LoRA checkpoint holds the adapter alone: the base is the student's own folder
         resumed_adapter = Path(context.student_path, _ADAPTER_CONFIG).is_file()
@@ -146,24 +144,26 @@ class TorchTrainer(Trainer):
         kernel = context.kernel_for(model.device.type, str(dtype).removeprefix("torch."))
         return cls(model, config, options, context.objective, kernel)
 
-    def train_step(self, batch: TokenBatch) -> dict[str, float]:
+    def train_step(self, batch: TokenBatch | None) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, step. Returns token-averaged metrics.
 
         Sharded, each process holds its share of the step's rows: the loss is normalised by the
         whole step's count, and gradients are summed over processes (FSDP averages, so each loss is
         scaled by the world size), giving one process's gradient. Every process runs as many
-        micro-batches as the busiest one (extra ones weigh zero), as FSDP's collectives require."""
+        micro-batches as the busiest one (extra ones weigh zero, and a process without rows passes
+        through the weights alone), as FSDP's collectives require."""
         train = self.config.train
         device = next(self.model.parameters()).device
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = distributed.sum_values({"token": batch.num_tokens, "sequence": batch.num_sequences})
+        rows = batch.num_sequences if batch is not None else 0
+        counts = distributed.sum_values({"token": batch.num_tokens if batch is not None else 0, "sequence": rows})
         divisor = {**counts, "sum": 1}[self.config.loss.normalize] / distributed.world_size()
-        starts = list(range(0, batch.num_sequences, train.micro_batch_size))
+        starts = list(range(0, rows, train.micro_batch_size))
         extra = distributed.max_value(len(starts)) - len(starts)
         sums: dict[str, float] = {"loss": 0.0}
         for start, weight in [*((start, 1.0) for start in starts), *[(0, 0.0)] * extra]:
-            micro = _on(batch.select(start, start + train.micro_batch_size), device)
+            micro = None if batch is None else _on(batch.select(start, start + train.micro_batch_size), device)
             loss_sum, metric_sums = self.step_forward(micro)
             (loss_sum * weight / divisor).backward()
             sums["loss"] += weight * float(loss_sum.detach())
@@ -174,7 +174,7 @@ class TorchTrainer(Trainer):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        sums = distributed.sum_values(sums)
+        sums = distributed.summed(sums)  # a process without rows has no objective metrics
         metrics = {name: value / max(1, counts["token"]) for name, value in sums.items()}
         metrics.update(grad_norm=float(distributed.full_tensor(grad_norm)), learning_rate=lr)
         return metrics
@@ -183,15 +183,20 @@ class TorchTrainer(Trainer):
         return None if distributed.sharded() else self.model  # sharded: in the state's SHARDED part
 
     def final_model(self) -> Any:
-        """With LoRA, the adapter merged into a copy, so ``model`` keeps the adapter to save beside it."""
-        if distributed.sharded():
-            return distributed.whole_copy(self.model)
-        if self.options.lora is None:
-            return self.model
-        return copy.deepcopy(self.model).merge_and_unload()
+        """With LoRA, the adapter merged into a copy, so the model keeps the adapter to save beside it.
+        Sharded, gathered whole (every process calls this; the others get None)."""
+        whole = self._whole
+        if whole is None or self.options.lora is None:
+            return whole
+        return copy.deepcopy(whole).merge_and_unload()
 
     def final_adapter(self) -> Any | None:
-        return self.model if self.options.lora is not None else None
+        return self._whole if self.options.lora is not None else None
+
+    @functools.cached_property
+    def _whole(self) -> Any:
+        """The model unsharded: itself, or gathered to the main process once (a collective)."""
+        return distributed.whole_copy(self.model) if distributed.sharded() else self.model
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state keyed by parameter name, so a checkpoint resumes under any number of
@@ -205,14 +210,22 @@ class TorchTrainer(Trainer):
         return state
 
     def _sharded_state(self) -> dict[str, Any]:
-        return {"model": get_model_state_dict(self.model),
+        """The weights that train (frozen ones, LoRA's base, load from ``student.model``) and the
+        optimizer. By name: DCP's ``ignore_frozen_params`` keeps a tied head whose embedding is frozen."""
+        trained = self._trained_names()
+        return {"model": {name: t for name, t in get_model_state_dict(self.model).items() if name in trained},
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def _trained_names(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if SHARDED in state:  # a sharded checkpoint, loaded into our shards (or whole tensors), resharded
             sharded = self._sharded_state()
             state[SHARDED](sharded)
-            set_model_state_dict(self.model, sharded["model"])
+            loaded = set_model_state_dict(self.model, sharded["model"], options=StateDictOptions(strict=False))
+            if loaded.unexpected_keys or set(loaded.missing_keys) & self._trained_names():
+                raise RuntimeError(f"sharded checkpoint does not fit the model: {loaded}")
             set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
         else:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],

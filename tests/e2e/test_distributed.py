@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -105,6 +106,25 @@ def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path, 
     assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) <= 1e-5
 
 
+@pytest.mark.parametrize("resumed_by", [2, 1])
+def test_rollouts_prefetched_by_each_process_resume_with_it_or_split_anew(runs, tmp_path, resumed_by):
+    """With ``max_staleness = 1`` a checkpoint holds the next step's rollouts, each process its share."""
+    pipelined = runs / "pipelined"
+    if not pipelined.exists():
+        _run(pipelined, 2, "train.max_staleness=1")
+    out = tmp_path / "resumed"
+    shutil.copytree(pipelined, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000005")
+    shutil.rmtree(out / "final")
+    _run(out, resumed_by, "train.max_staleness=1")
+    assert _metrics(out)[-1]["completion_tokens"] == _metrics(pipelined)[-1]["completion_tokens"]
+    resumed, uninterrupted = _weights(out), _weights(pipelined)
+    if resumed_by == 2:
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    else:
+        assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) <= 1e-5
+
+
 def test_two_processes_sampling_on_a_server_sync_it_from_the_main_process(tmp_path):
     from tests.plugins.test_fireworks import _serve
 
@@ -128,12 +148,122 @@ def test_a_process_count_below_one_is_refused_by_name():
     assert "argument --nproc: must be a whole number of processes, at least 1, got '0'" in done.stderr
 
 
-@pytest.mark.lora
-def test_lora_under_torchrun_is_refused_before_training_with_its_path(tmp_path):
+def test_bf16_mixed_on_two_processes_computes_the_one_process_step(tmp_path):
+    """Layers gathered in bf16 (norms in fp32) under autocast: the same first step as one process;
+    then bf16 gradients summed in another order (two shares, not one) move the weights by bf16 noise."""
+    bf16 = ("train.steps=2", "checkpoint.every_steps=0", "eval.limit=8", "trainer.precision='bf16-mixed'")
+    _run(tmp_path / "one", 1, *bf16)
+    _run(tmp_path / "two", 2, *bf16)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
+    assert [m["completion_tokens"] for m in two] == [m["completion_tokens"] for m in one]
+    reference, sharded = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max(float((reference[k] - sharded[k]).abs().max()) for k in reference) <= 1e-3
+
+
+LORA = "trainer.lora={rank = 4}"
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
     pytest.importorskip("peft", reason="needs the lora extra (pip install 'distill[lora]')")
-    done = subprocess.run(_command(tmp_path / "out", 2, "trainer.lora={rank = 4}"), capture_output=True, text=True,
-                          check=False, timeout=300)
-    assert done.returncode != 0
-    assert "LoRA does not run sharded over processes yet: train it in one process, or without [trainer.lora] " \
-           "under torchrun @ trainer.lora" in done.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "final").exists()
+    root = tmp_path_factory.mktemp("lora")
+    _run(root / "one", 1, LORA, "eval.limit=8")
+    _run(root / "two", 2, LORA, "eval.limit=8")
+    return root
+
+
+@pytest.mark.lora
+def test_lora_on_two_processes_trains_the_one_process_adapter(lora_runs):
+    from peft import PeftModel
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import AutoModelForCausalLM
+
+    one, two = lora_runs / "one", lora_runs / "two"
+    for merged in (False, True):
+        file = Path("final", *(("model.safetensors",) if merged else ("adapter", "adapter_model.safetensors")))
+        reference, sharded = load_file(one / file), load_file(two / file)
+        assert sorted(reference) == sorted(sharded)
+        assert max(float((reference[k] - sharded[k]).abs().max()) for k in reference) <= 1e-5
+    # the sharded checkpoint holds what trains, the adapter: the base comes from student.model
+    saved = FileSystemReader(str(two / "checkpoints" / "step-00000004" / "sharded")).read_metadata()
+    weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
+    assert weights and all(".lora_" in key for key in weights)
+    base = AutoModelForCausalLM.from_pretrained(DEMO.parent / "student")
+    adapted = PeftModel.from_pretrained(base, two / "final" / "adapter").merge_and_unload().state_dict()
+    merged = load_file(two / "final" / "model.safetensors")
+    assert max(float((adapted[k] - merged[k]).abs().max()) for k in merged) <= 1e-6
+
+
+@pytest.mark.lora
+@pytest.mark.parametrize("resumed_by", [2, 1])
+def test_a_lora_checkpoint_of_two_processes_resumes(lora_runs, tmp_path, resumed_by):
+    out = tmp_path / "resumed"
+    shutil.copytree(lora_runs / "two", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000005")
+    shutil.rmtree(out / "final")
+    _run(out, resumed_by, LORA, "eval.limit=8")
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 4
+    resumed, uninterrupted = _weights(out), _weights(lora_runs / "two")
+    if resumed_by == 2:
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    else:
+        assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) <= 1e-5
+
+
+def test_a_process_whose_whole_share_failed_still_takes_part_and_counters_add_up(tmp_path):
+    """Rows alternate between a local teacher and a served one that fails every request, so with
+    the data in order one process's whole share fails at every step: it passes through the weights
+    adding nothing, the other's rows train, and the summary counts the failures of both processes."""
+    from tests.plugins.test_fireworks import _serve
+
+    rows = [json.loads(line) for line in (DEMO.parent / "data" / "train.jsonl").read_text().splitlines()[:8]]
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({**row, "teacher": ("up", "down")[i % 2]}) + "\n" for i, row in enumerate(rows)))
+    proc, base = _serve(DEMO.parent / "teacher", "--served-name", "teacher", faults=("--faults", "500=1.0"))
+    try:
+        config = tmp_path / "routed.toml"
+        config.write_text(f"""
+output_dir = "{tmp_path / 'out'}"
+[student]
+model = "{DEMO.parent / 'student'}"
+[[teachers]]
+backend = "hf"
+model = "{DEMO.parent / 'teacher'}"
+route_value = "up"
+[[teachers]]
+backend = "fireworks"
+base_url = "{base}"
+model = "teacher"
+tokenizer = "{DEMO.parent / 'teacher'}"
+route_value = "down"
+max_attempts = 1
+max_failures_in_a_row = 1000
+[router]
+name = "routed"
+[data]
+train = "{tmp_path / 'train.jsonl'}"
+shuffle = false
+[sampling]
+max_new_tokens = 8
+[train]
+steps = 2
+prompt_groups_per_step = 4
+completions_per_prompt = 2
+threads = 1
+[checkpoint]
+every_steps = 0
+""")
+        done = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(config), "--no-progress", "--nproc", "2"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        injected = httpx.get(f"{base}/faults", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = tmp_path / "out"
+    metrics, summary = _metrics(out), json.loads((out / "summary.json").read_text())
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["completion_tokens"] > 0 for m in metrics)
+    assert summary["rows_skipped"] == {"teacher_failed:http_500": 2 * 2 * 2}  # steps x rows x completions
+    (served,) = [counters for counters in summary["teachers"].values() if "failed_attempts" in counters]
+    assert served["failed_attempts"] == {"http_500": injected["500"]}  # counted by the process that sent them
