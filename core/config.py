@@ -808,7 +808,11 @@ def load_config(
         raise ConfigError([f"config file {path} is a folder; give the TOML file in it"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
-    return parse_config(apply_overrides(raw, overrides, unset), manager, source=str(path))
+    try:
+        raw = apply_overrides(raw, overrides, unset)
+    except ConfigError as error:
+        raise ConfigError(error.problems, str(path)) from None
+    return parse_config(raw, manager, source=str(path))
 
 
 def resolve_path(value: str, config: RunConfig | None) -> str:

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"contract JSONL to write (default: {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     try:
-        lines = args.input.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only, as the loader reads them: a raw U+2028 inside a string is text
+        lines = args.input.read_text(encoding="utf-8-sig").split("\n")
     except FileNotFoundError:
         print(f"prepare.py: input not found: {args.input}", file=sys.stderr)
         return 2

@@ -331,7 +331,7 @@ def test_cli_unset_and_debug(tmp_path):
 
     typo = validate("validate", str(config), "--unset", "train.steps")
     assert typo.returncode == 2
-    assert typo.stderr == "distill-run: 1 config error(s):\n  - no key 'train.steps' to unset @ --unset\n"
+    assert typo.stderr == f"distill-run: 1 config error(s) in {config}:\n  - no key 'train.steps' to unset @ --unset\n"
     unset = validate("validate", str(config), "--unset", "train", "--set", "train.learning_rate=0")
     assert unset.returncode == 2
     assert unset.stderr.splitlines()[1:] == ["  - must be > 0, got 0.0 @ train.learning_rate"]

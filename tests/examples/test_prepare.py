@@ -99,3 +99,16 @@ def test_an_input_without_usable_rows_writes_nothing(tmp_path):
     assert "no usable row" in result.stderr
     assert "invalid_json: 1 (first at line 1)" in result.stdout
     assert not output.exists()
+
+
+def test_line_numbers_count_newlines_only_as_the_loader_does(tmp_path):
+    source = tmp_path / "separators.jsonl"
+    row = json.dumps({"question": "What is 2+3?\u2028Think.", "answer": "5"}, ensure_ascii=False)
+    source.write_text("\ufeff" + row + "\nnot json\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+
+    result = run_prepare(source, output)
+
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 rows" in result.stdout
+    assert "invalid_json: 1 (first at line 2)" in result.stdout
