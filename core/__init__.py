@@ -11,7 +11,7 @@ from distill.data import sample_seed
 from distill.errors import CheckpointError, ConfigError, DataError, DistillError, PluginError
 from distill.hookspecs import hookimpl
 from distill.modeling import completion_hidden_states, final_hidden_states, full_logprobs, head_weight
-from distill.preflight import folder_problems
+from distill.preflight import device_problems, folder_problems
 from distill.protocols import (
     SHARDED,
     Blender,
@@ -66,6 +66,7 @@ __all__ = [
     "DistillError",
     "PluginError",
     "display_config",
+    "device_problems",
     "folder_problems",
     "finite",
     "non_negative",

@@ -109,20 +109,21 @@ def folder_problems(value: str, path: str) -> list[str]:
     return []
 
 
-def _device_problems(device: str) -> list[str]:
-    """A device torch does not know, or this machine lacks, would fail only when the model moves."""
+def device_problems(device: str, path: str) -> list[str]:
+    """A device torch does not know, or this machine lacks (``device`` at ``path``), would fail
+    only when the model moves there."""
     import torch
 
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        return [f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps' @ student.device"]
+        return [f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps' @ {path}"]
     count = getattr(getattr(torch, parsed.type, None), "device_count", lambda: None)()
     if count == 0:
-        return [f"this machine has no {parsed.type} device (torch finds none); use 'cpu' @ student.device"]
+        return [f"this machine has no {parsed.type} device (torch finds none); use 'cpu' @ {path}"]
     if count is not None and parsed.index is not None and parsed.index >= count:
         return [f"this machine has {count} {parsed.type} device(s), {parsed.type}:0 to {parsed.type}:{count - 1}; "
-                f"got {device!r} @ student.device"]
+                f"got {device!r} @ {path}"]
     return []
 
 
@@ -196,7 +197,7 @@ def _data_problems(config: RunConfig, manager: PluginManager, tokenizer: Any, li
 def preflight(config: RunConfig, manager: PluginManager) -> Any:
     """Raise :class:`ConfigError` with every problem of ``config`` found against the files and the
     machine; return the student's tokenizer (a run goes on with it)."""
-    problems = [*folder_problems(config.output_dir, "output_dir"), *_device_problems(config.student.device)]
+    problems = [*folder_problems(config.output_dir, "output_dir"), *device_problems(config.student.device, "student.device")]
     model_config, found = _model_config(config)
     no_room = _context_problems(config, model_config)
     problems += found + no_room

@@ -12,7 +12,16 @@ from typing import Any, Literal
 
 import attrs
 
-from distill import BuildContext, SamplerSpec, TeacherSpec, hookimpl, positive, resolve_path, resumable
+from distill import (
+    BuildContext,
+    SamplerSpec,
+    TeacherSpec,
+    device_problems,
+    hookimpl,
+    positive,
+    resolve_path,
+    resumable,
+)
 
 __all__ = ["HFSamplerOptions", "HFTeacherOptions"]
 
@@ -71,5 +80,7 @@ def distill_teachers() -> list[TeacherSpec]:
             model_of=lambda options: options.model,
             tokenizer_of=_tokenizer_of,
             signals=frozenset({"logprobs", "topk", "hidden"}),
+            check=lambda options, context: device_problems(options.device, f"{context.path}.device")
+            if options.device is not None else [],
         )
     ]

@@ -42,6 +42,7 @@ from distill import (
     TokenBatch,
     Trainer,
     TrainerSpec,
+    device_problems,
     distributed,
     hookimpl,
     positive,
@@ -305,8 +306,8 @@ def _without_bf16(device: str) -> str | None:
 
 
 def _check(options: TorchTrainerOptions, context: BuildContext) -> list[str]:
-    """Precision sets the weights' dtype itself: a non-fp32 ``student.dtype`` beside it is ambiguous,
-    and bf16 needs a device that has it. LoRA needs peft, a warm start a PEFT adapter folder, and
+    """Precision sets the weights' dtype itself: a non-fp32 ``student.dtype`` beside it is ambiguous;
+    the device must exist, and bf16 needs a device that has it. LoRA needs peft, a warm start a PEFT adapter folder, and
     each target module a match; each would fail only once models load."""
     problems = []
     dtype = context.run_config.student.dtype
@@ -314,7 +315,9 @@ def _check(options: TorchTrainerOptions, context: BuildContext) -> list[str]:
         problems.append(f"precision '{options.precision}' chooses the weights' dtype itself, but student.dtype is "
                         f"'{dtype}': leave student.dtype at 'float32' or set precision = 'fp32' @ {context.path}.precision")
     device = resolve_device(options.device, context.run_config.student.device)
-    if options.precision != "fp32" and (why := _without_bf16(device)):
+    absent = device_problems(device, f"{context.path}.device") if options.device != "auto" else []
+    problems += absent
+    if options.precision != "fp32" and not absent and (why := _without_bf16(device)):
         problems.append(f"precision '{options.precision}' computes in bfloat16, but {why}: set precision = 'fp32' "
                         f"or choose another trainer.device @ {context.path}.precision")
     if options.lora is not None:
