@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "arithmetic" / "opd.toml"
 SETTINGS = ("train.steps=5", "train.threads=1", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
             "eval.every_steps=0", "eval.limit=40")
+LORA = "trainer.lora={rank = 4}"
 
 
 def _command(out: Path, nproc: int, *sets: str) -> list[str]:
@@ -125,13 +126,17 @@ def test_rollouts_prefetched_by_each_process_resume_with_it_or_split_anew(runs, 
         assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) <= 1e-5
 
 
-def test_two_processes_sampling_on_a_server_sync_it_from_the_main_process(tmp_path):
+@pytest.mark.parametrize("trained", [(), pytest.param((LORA,), marks=pytest.mark.lora, id="lora")])
+def test_two_processes_sampling_on_a_server_sync_it_from_the_main_process(tmp_path, trained):
+    """The gathered weights (with LoRA, the adapter merged) are what the server then answers with."""
     from tests.plugins.test_fireworks import _serve
 
+    if trained:
+        pytest.importorskip("peft", reason="needs the lora extra (pip install 'distill[lora]')")
     proc, base = _serve(DEMO.parent / "student", weights_root=tmp_path)
     try:
         sampler = f"sampler={{backend = 'fireworks', base_url = '{base}', model = 'student'}}"
-        _run(tmp_path / "out", 2, "train.steps=3", "eval.at_start=false", sampler)
+        _run(tmp_path / "out", 2, "train.steps=3", "eval.at_start=false", sampler, *trained)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -159,9 +164,6 @@ def test_bf16_mixed_on_two_processes_computes_the_one_process_step(tmp_path):
     assert [m["completion_tokens"] for m in two] == [m["completion_tokens"] for m in one]
     reference, sharded = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert max(float((reference[k] - sharded[k]).abs().max()) for k in reference) <= 1e-3
-
-
-LORA = "trainer.lora={rank = 4}"
 
 
 @pytest.fixture(scope="module")
