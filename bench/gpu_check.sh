@@ -39,5 +39,6 @@ python -m pytest -q -m triton tests/plugins/test_fused_losses.py
 echo "== 3. benchmarks"
 python bench/losses.py --device cuda                       # bench/results/losses-cuda.*
 python bench/losses.py --device cuda --loss jsd            # bench/results/losses-jsd-cuda.*
-python bench/trainer_memory.py --device cuda               # bench/results/trainer-memory-cuda.*
+# one GPU: the FSDP2 rows need a device per process
+python bench/trainer_memory.py --device cuda --configs fp32 bf16-mixed lora-r16 fp32+checkpointing bf16
 if [ -n "${OUT:-}" ]; then cp bench/results/*-cuda.* "$OUT"/; fi
