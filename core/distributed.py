@@ -12,14 +12,13 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "sum_counters", "summed",
+__all__ = ["start", "stop", "sharded", "world_size", "rank", "is_main", "my_share", "sum_values", "summed",
            "max_value", "gather", "from_main", "barrier", "full_tensor", "unsharded_like", "whole_copy"]
 
 T = TypeVar("T")
@@ -89,11 +88,6 @@ def gather(value: T) -> list[T]:
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def sum_counters(counts: Mapping[str, int]) -> Counter[str]:
-    """Counts merged over processes, where each may hold different keys."""
-    return sum((Counter(c) for c in gather(dict(counts))), Counter())
 
 
 def summed(counters: Mapping[str, Any]) -> dict[str, Any]:

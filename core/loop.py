@@ -451,7 +451,7 @@ class Recipe:
     async def _score_for_eval(self, rollouts: Sequence[Rollout]) -> tuple[list[Rollout], list[TeacherScores]]:
         dropped: Counter[str] = Counter()
         kept, targets, _ = await self.pool.score(rollouts, dropped, hidden=False)
-        self.eval_dropped.update(distributed.sum_counters(dropped))
+        self.eval_dropped.update(distributed.summed(dropped))
         return kept, targets
 
     async def evaluate(self, step: int) -> dict[str, Any]:
@@ -514,7 +514,7 @@ class Recipe:
         else:  # rollouts a checkpoint kept
             scored = await self._score(self.prefetched)
         self.prefetched = None
-        self.skipped.update(distributed.sum_counters(scored.skipped))
+        self.skipped.update(distributed.summed(scored.skipped))
         books = _merged_books(scored.books)
         self.pool.record(books)
         if not distributed.sum_values({"kept": len(scored.kept)})["kept"]:

@@ -213,20 +213,16 @@ class TorchTrainer(Trainer):
     def _sharded_state(self) -> dict[str, Any]:
         """The weights that train (frozen ones, LoRA's base, load from ``student.model``) and the
         optimizer. By name: DCP's ``ignore_frozen_params`` keeps a tied head whose embedding is frozen."""
-        trained = self._trained_names()
+        trained = {name for name, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
         return {"model": {name: t for name, t in get_model_state_dict(self.model).items() if name in trained},
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-
-    def _trained_names(self) -> set[str]:
-        return {name for name, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if SHARDED in state:  # a sharded checkpoint, loaded into our shards (or whole tensors), resharded
             sharded = self._sharded_state()
             state[SHARDED](sharded)
-            loaded = set_model_state_dict(self.model, sharded["model"], options=StateDictOptions(strict=False))
-            if loaded.unexpected_keys or set(loaded.missing_keys) & self._trained_names():
-                raise RuntimeError(f"sharded checkpoint does not fit the model: {loaded}")
+            # the loader filled every trained weight or refused; the frozen ones came with student.model
+            set_model_state_dict(self.model, sharded["model"], options=StateDictOptions(strict=False))
             set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
         else:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],

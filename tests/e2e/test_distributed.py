@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..conftest import write_jsonl
+
 pytestmark = pytest.mark.slow
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "arithmetic" / "opd.toml"
@@ -220,8 +222,7 @@ def test_a_process_whose_whole_share_failed_still_takes_part_and_counters_add_up
     from tests.plugins.test_fireworks import _serve
 
     rows = [json.loads(line) for line in (DEMO.parent / "data" / "train.jsonl").read_text().splitlines()[:8]]
-    (tmp_path / "train.jsonl").write_text("".join(
-        json.dumps({**row, "teacher": ("up", "down")[i % 2]}) + "\n" for i, row in enumerate(rows)))
+    write_jsonl(tmp_path / "train.jsonl", [{**row, "teacher": ("up", "down")[i % 2]} for i, row in enumerate(rows)])
     proc, base = _serve(DEMO.parent / "teacher", "--served-name", "teacher", faults=("--faults", "500=1.0"))
     try:
         config = tmp_path / "routed.toml"

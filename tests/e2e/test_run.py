@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from distill.config import load_config
@@ -202,6 +203,35 @@ def test_interrupted_then_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(t
         assert (ref_weights[name] == resumed[name]).all(), name
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # redone steps replace, never duplicate, their lines
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_the_per_process_loop_state_resumes_exactly(tmp_path, tiny_models, manager):
+    """Loop states written before each process kept its own part (``teachers``, ``sampler`` and
+    ``prefetched`` at the top) resume as before, prefetched rollouts included."""
+    from distill.plugins.checkpoint_local import _seal
+
+    config = _write_config(tmp_path, tiny_models, steps=4)
+    pipelined = ["train.max_staleness=1"]
+    run(load_config(config, manager, [*pipelined, f"output_dir='{tmp_path / 'ref'}'"]), manager, progress=False)
+    out = tmp_path / "old"
+    shutil.copytree(tmp_path / "ref", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "final")
+    checkpoint = out / "checkpoints" / "step-00000002"
+    state = json.loads((checkpoint / "loop_state.json").read_text())
+    (own,) = state.pop("processes")
+    assert own["prefetched"]  # the next step's rollouts, which the old format kept too
+    state.update(teachers={"books": state.pop("books"), "teachers": own["teachers"]}, sampler=own["sampler"],
+                 prefetched=own["prefetched"])
+    (checkpoint / "loop_state.json").write_text(json.dumps(state))
+    (checkpoint / "SHA256SUMS").unlink()
+    _seal(checkpoint)
+    summary = run(load_config(config, manager, [*pipelined, f"output_dir='{out}'"]), manager, progress=False)
+    assert summary["resumed_from_step"] == 2
+    reference = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    resumed = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
 def test_no_resume_refuses_an_output_dir_with_checkpoints(tmp_path, tiny_models, manager):
